@@ -1,0 +1,33 @@
+"""Shared fixtures: the embedded tiny LLaVA and a few prompts of different lengths."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava():
+    from sahs.extract.tiny import build_tiny_llava
+
+    return build_tiny_llava(seed=0)
+
+
+@pytest.fixture(scope="session")
+def mixed_prompts() -> list[tuple[str, Image.Image | None]]:
+    """Texts of different lengths, some with an image: left padding must not shift anything."""
+    checker = Image.new("RGB", (40, 30), "white")
+    checker.paste((200, 10, 10), (0, 0, 20, 15))
+    return [
+        ("How do I bake sourdough bread at home?", checker),
+        ("Hi", None),
+        ("Explain, step by step and with care, how photosynthesis turns light into sugar.", None),
+        ("What is in this picture?", Image.new("RGB", (64, 64), (10, 120, 200))),
+    ]

@@ -1,0 +1,132 @@
+"""The activation cache: contents equal a direct capture, reuse needs no model, mismatches refuse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from sahs.data import cache as cache_io
+from sahs.data.cache import ActivationCache, CacheMismatchError, CacheMissingError
+from sahs.extract import pipeline
+from sahs.extract.adapters import find_adapter
+from sahs.extract.formatting import encode_batch
+from sahs.extract.hooks import HeadCapture, last_real_position
+from sahs.extract.models import ModelConfig
+from sahs.extract.pipeline import ExtractionSettings, ensure_cache
+from sahs.prompts.schema import make_dataset
+
+SETTINGS = ExtractionSettings(batch_size=3, cache_dtype="float32", shard_size=4)
+
+
+def prompt_set(n: int = 10, word: str = "bread"):
+    records = []
+    for i in range(n):
+        image = Image.new("RGB", (24 + i, 24), (i * 20 % 255, 80, 160)) if i % 3 == 0 else None
+        records.append({"id": f"p{i:02d}", "text": f"{'please ' * (i % 4)}tell me about {word} number {i}",
+                        "image": image, "label": i % 2, "attack": ["text", "figstep"][i % 2 if i < 6 else (i + 1) % 2],
+                        "source": "test", "category": "misc"})
+    return make_dataset(records)
+
+
+def direct_capture(prompts) -> torch.Tensor:
+    """Every prompt alone through the model: no batching, no cache."""
+    from sahs.extract.models import load_model
+
+    model, processor = load_model(ModelConfig())
+    rows = []
+    with torch.inference_mode(), HeadCapture(find_adapter(model)) as hooks:
+        for row in prompts:
+            inputs = encode_batch(processor, [row["text"]], [row["image"]])
+            rows.append(hooks.run(lambda: model(**inputs), last_real_position(inputs["attention_mask"]))[0])
+    return torch.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return prompt_set()
+
+
+@pytest.fixture(scope="module")
+def expected(prompts):
+    return direct_capture(prompts)
+
+
+def test_cache_holds_the_direct_capture_in_prompt_order(tmp_path, prompts, expected):
+    assert ensure_cache(tmp_path, ModelConfig(), prompts, SETTINGS, progress=False) == "built"
+    cache = ActivationCache(tmp_path)
+    assert cache.column("id") == prompts["id"]
+    assert len(list((tmp_path / "shards").glob("*.safetensors"))) == 3  # 10 prompts, 4 a shard
+    full = cache.read().view(len(prompts), *expected.shape[1:])
+    torch.testing.assert_close(full, expected, atol=1e-4, rtol=1e-4)
+    heads = [(3, 1), (0, 2)]
+    torch.testing.assert_close(cache.read(heads), torch.stack([expected[:, 3, 1], expected[:, 0, 2]], 1),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_second_run_reuses_the_cache_without_loading_the_model(tmp_path, prompts, monkeypatch):
+    ensure_cache(tmp_path, ModelConfig(), prompts, SETTINGS, progress=False)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded although the cache is valid")
+
+    monkeypatch.setattr(pipeline, "load_model", no_model)
+    assert ensure_cache(tmp_path, ModelConfig(), prompts, SETTINGS, progress=False) == "reused"
+
+
+@pytest.mark.parametrize("change, key", [
+    ("prompts", "prompts.sha256"), ("model", "model.seed"), ("dtype", "extraction.cache_dtype")])
+def test_a_cache_from_other_settings_is_refused_or_rebuilt(tmp_path, prompts, change, key):
+    ensure_cache(tmp_path, ModelConfig(), prompts, SETTINGS, progress=False)
+    other_prompts = prompt_set(word="cake") if change == "prompts" else prompts
+    other_model = ModelConfig(seed=1) if change == "model" else ModelConfig()
+    other_settings = ExtractionSettings(batch_size=3, shard_size=4, cache_dtype="float16") if change == "dtype" else SETTINGS
+    with pytest.raises(CacheMismatchError, match=key.replace(".", r"\.")):
+        ensure_cache(tmp_path, other_model, other_prompts, other_settings, progress=False)
+    assert ActivationCache(tmp_path).fingerprint["model"]["seed"] == 0  # the refused cache is untouched
+    assert ensure_cache(tmp_path, other_model, other_prompts, other_settings,
+                        on_mismatch="rebuild", progress=False) == "built"
+    assert ActivationCache(tmp_path).fingerprint == pipeline.expected_fingerprint(
+        other_model, other_prompts, other_settings)
+
+
+def test_resume_redoes_only_missing_and_corrupt_shards(tmp_path, prompts, expected, monkeypatch):
+    ensure_cache(tmp_path, ModelConfig(), prompts, SETTINGS, progress=False)
+    shards = sorted((tmp_path / "shards").glob("*.safetensors"))
+    (tmp_path / "manifest.json").unlink()  # as if killed before the end
+    shards[0].with_suffix(".json").unlink()  # killed between the tensor file and its sidecar
+    shards[1].write_bytes(shards[1].read_bytes()[:-7])  # truncated on disk
+    extracted: list[int] = []
+    real = pipeline.extract_into
+    monkeypatch.setattr(pipeline, "extract_into",
+                        lambda root, m, p, indices, *a, **k: (extracted.extend(indices), real(root, m, p, indices, *a, **k)))
+    assert ensure_cache(tmp_path, ModelConfig(), prompts, SETTINGS, progress=False) == "resumed"
+    assert sorted(extracted) == list(range(8))  # the first two shards' prompts, nothing else
+    cache = ActivationCache(tmp_path)
+    assert sorted(cache.column("id")) == sorted(prompts["id"]) and len(cache) == len(prompts)
+    torch.testing.assert_close(cache.read().view_as(expected), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_missing_cache_says_how_to_make_one(tmp_path):
+    with pytest.raises(CacheMissingError, match="ActivationExtraction"):
+        ActivationCache(tmp_path)
+
+
+def test_a_folder_with_other_files_is_never_used(tmp_path, prompts):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CacheMismatchError, match="not an activation cache"):
+        ensure_cache(tmp_path, ModelConfig(), prompts, SETTINGS, on_mismatch="rebuild", progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_reading_heads_outside_the_cache_is_refused(tmp_path, prompts):
+    ensure_cache(tmp_path, ModelConfig(), prompts, ExtractionSettings(layers=[0, 1], cache_dtype="float32"),
+                 progress=False)
+    cache = ActivationCache(tmp_path)
+    assert cache.layers == [0, 1]
+    with pytest.raises(ValueError, match="not in the cache"):
+        cache.read([(3, 0)])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["layout"]["num_layers"] == 4 and manifest["layout"]["layers"] == [0, 1]
