@@ -1,0 +1,66 @@
+"""Turning prompt records into one padded model batch that ends where the answer begins."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from PIL import Image
+from transformers import BatchEncoding
+
+
+def _tokenizer(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def is_multimodal(processor: Any) -> bool:
+    return hasattr(processor, "image_processor")
+
+
+def _template_owner(processor: Any) -> Any | None:
+    """The processor or tokenizer that carries a chat template, or None (encoders, base LMs)."""
+    for owner in (processor, _tokenizer(processor)):
+        if getattr(owner, "chat_template", None):
+            return owner
+    return None
+
+
+def format_prompt(processor: Any, text: str, has_image: bool) -> str:
+    """The prompt as the model sees it: its own chat template, ending at the assistant's turn."""
+    owner = _template_owner(processor)
+    if owner is None:
+        return text
+    if is_multimodal(owner):  # processor templates take typed content parts
+        content: Any = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": text}]
+    else:
+        content = text
+    messages = [{"role": "user", "content": content}]
+    return owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_batch(processor: Any, texts: Sequence[str], images: Sequence[Image.Image | None],
+                 padding_side: Literal["left", "right"] | None = None) -> BatchEncoding:
+    """Tokenize a padded batch, with images through the model's own processor.
+
+    ``padding_side`` None keeps the tokenizer's: ``load_model`` sets left for decoders and right for
+    encoders, whose absolute position embeddings left padding would shift. The capture position is
+    read from the attention mask, so either side gives the same activations.
+    """
+    tokenizer = _tokenizer(processor)
+    if padding_side is not None:
+        tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:  # decoder-only LMs often ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+    has_image = [image is not None for image in images]
+    if any(has_image) and not is_multimodal(processor):
+        raise ValueError("this batch has images but the model is text-only: keep text-only prompts for it "
+                         "(e.g. filter the prompt set to the `text` attack family)")
+    prompts = [format_prompt(processor, text, flag) for text, flag in zip(texts, has_image)]
+    # A chat template writes the special tokens itself; raw text (encoders) needs the tokenizer's.
+    kwargs: dict[str, Any] = {"padding": True, "return_tensors": "pt",
+                              "add_special_tokens": _template_owner(processor) is None}
+    if is_multimodal(processor):
+        # One list of images per prompt, empty for text-only prompts: every processor reads this layout.
+        pictures = [[image.convert("RGB")] if image is not None else [] for image in images]
+        return processor(text=prompts, images=pictures if any(has_image) else None, **kwargs)
+    return tokenizer(prompts, **kwargs)

