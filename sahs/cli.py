@@ -1,0 +1,86 @@
+"""The ``sahs`` command: LightningCLI for fit/validate/test/predict, plus the project's own verbs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from collections.abc import Callable
+
+from lightning.pytorch.cli import LightningCLI
+
+from sahs.data.datamodule import ActivationDataModule
+from sahs.models.module import DetectorModule
+
+
+class SahsCLI(LightningCLI):
+    """After ``fit``, the best checkpoint is validated and tested, and the AUROC figures printed."""
+
+    def after_fit(self) -> None:
+        if self.trainer.fast_dev_run or self.trainer.interrupted:
+            return
+        self._save_ranking()
+        checkpoint = self.trainer.checkpoint_callback
+        ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
+        metrics = {}
+        for run in (self.trainer.validate, self.trainer.test):
+            for result in run(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False):
+                metrics.update(result)
+        if self.trainer.is_global_zero:
+            shown = "  ".join(f"{name}={metrics[name]:.4f}" for name in sorted(metrics) if not name.endswith("loss"))
+            print(f"[sahs] {shown}")
+
+
+    def _save_ranking(self) -> None:
+        """With ``top_k``, keep the head ranking with the run (JSON, CSV, heatmap; a W&B image if logging there)."""
+        ranking = getattr(self.datamodule, "ranking", None)
+        if ranking is None or not self.trainer.is_global_zero:
+            return
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        ranking.save(run_dir)
+        heatmap = ranking.plot(run_dir / "head_ranking.png")
+        for logger in self.trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="heads/ranking", images=[str(heatmap)])
+
+
+def lightning_main(args: list[str] | None = None) -> SahsCLI:
+    return SahsCLI(
+        DetectorModule,
+        ActivationDataModule,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def _data_main(args: list[str]) -> None:
+    if not args or args[0] != "build":
+        raise SystemExit("usage: sahs data build --config configs/data/offline.yaml")
+    from sahs.prompts.build import main as build_main
+
+    build_main(args[1:])
+
+
+def _locate_main(args: list[str]) -> None:
+    from sahs.commands.locate import main as locate_main
+
+    locate_main(args)
+
+
+# Verbs that are not Trainer methods: each takes the rest of the command line.
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], object]] = {
+    "data": _data_main,
+    "locate": _locate_main,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in EXTRA_COMMANDS:
+        EXTRA_COMMANDS[argv[0]](argv[1:])
+    else:
+        lightning_main(argv)
+
+
+if __name__ == "__main__":
+    main()

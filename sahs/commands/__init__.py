@@ -1,0 +1,1 @@
+"""``sahs`` verbs beyond fit/validate/test/predict; each reads the same run config as ``sahs fit``."""

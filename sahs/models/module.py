@@ -1,0 +1,88 @@
+"""The LightningModule that trains a detector on cached head activations."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryAveragePrecision
+
+from sahs.models.detectors import Detector, LogisticDetector
+
+
+def _metrics(prefix: str) -> MetricCollection:
+    return MetricCollection(
+        {"auroc": BinaryAUROC(), "auprc": BinaryAveragePrecision(), "acc": BinaryAccuracy()}, prefix=prefix)
+
+
+class DetectorModule(L.LightningModule):
+    """Binary malicious-prompt detector: BCE on one logit, optional standardization fitted on train."""
+
+    def __init__(
+        self,
+        detector: Detector | None = None,
+        lr: float = 1e-2,
+        weight_decay: float = 0.0,
+        standardize: bool = True,
+    ) -> None:
+        """
+        Args:
+            detector: The network (``class_path``/``init_args``); the paper's logistic detector by default.
+            lr: Adam learning rate.
+            weight_decay: Adam weight decay (prefer the detector's own penalty, which spares the bias).
+            standardize: Scale features by mean and std of the training split before the detector.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["detector"])
+        self.detector = detector if detector is not None else LogisticDetector()
+        self.register_buffer("feature_mean", torch.zeros(0))
+        self.register_buffer("feature_std", torch.ones(0))
+        self.loss = nn.BCEWithLogitsLoss()
+        self.val_metrics = _metrics("val/")
+        self.test_metrics = _metrics("test/")
+
+    def setup(self, stage: str) -> None:
+        # Shapes come from the data: build once the DataModule knows the selected heads.
+        datamodule = self.trainer.datamodule
+        if not self.detector.built:
+            self.detector.build(datamodule.num_features)
+        if stage == "fit" or self.feature_mean.numel() == 0:
+            x, _ = datamodule.split_tensors("train")
+            self.feature_mean = x.mean(0) if self.hparams.standardize else torch.zeros(x.shape[1])
+            self.feature_std = x.std(0).clamp_min(1e-6) if self.hparams.standardize else torch.ones(x.shape[1])
+
+    def load_state_dict(self, state_dict, *args, **kwargs):  # type: ignore[override]
+        # The scaling buffers start empty; take their size from the checkpoint.
+        self.feature_mean = torch.empty_like(state_dict["feature_mean"])
+        self.feature_std = torch.empty_like(state_dict["feature_std"])
+        return super().load_state_dict(state_dict, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch]`` for features ``[batch, features]``."""
+        return self.detector((x - self.feature_mean) / self.feature_std)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.loss(self(x), y) + self.detector.penalty()
+        self.log("train/loss", loss, prog_bar=True, on_epoch=True, on_step=False)
+        return loss
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log(f"{stage}/loss", self.loss(logits, y), prog_bar=stage == "val")
+        metrics.update(torch.sigmoid(logits), y.long())
+        self.log_dict(metrics, prog_bar=stage == "val")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_metrics)
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return torch.sigmoid(self(batch[0]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
