@@ -1,0 +1,96 @@
+"""Per-head probes: planted heads are found, and the batched fit agrees with scikit-learn."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.preprocessing import StandardScaler
+
+from sahs.eval.probes import HeadRanking, fit_head_probes, rank_heads, stratified_split
+
+SIGNAL = {(1, 2): 4.0, (3, 0): 2.5, (0, 5): 1.5}  # strongest first
+
+
+def test_planted_heads_rank_first_in_order_of_strength(make_features) -> None:
+    features, labels, _ = make_features(n=600, signal=SIGNAL)
+    ranking = rank_heads(features, labels)
+    assert ranking.top(3) == list(SIGNAL)
+    assert ranking.auroc[1, 2] > 0.95
+    others = torch.ones(4, 6, dtype=torch.bool)
+    others[tuple(torch.tensor(list(SIGNAL)).T)] = False
+    assert ranking.auroc[others].max() < 0.65  # pure noise heads sit near chance
+
+
+def test_probe_auroc_agrees_with_sklearn_on_sampled_heads(make_features) -> None:
+    features, labels, _ = make_features(n=500, signal=SIGNAL)
+    l2 = 1e-2
+    ranking = rank_heads(features, labels, l2=l2, seed=3)
+    fit_rows, holdout_rows = stratified_split(labels, 0.3, seed=3)
+    for layer, head in [(1, 2), (0, 5), (2, 2), (3, 4)]:
+        x = features[:, layer, head].numpy()
+        scaler = StandardScaler().fit(x[fit_rows])
+        probe = LogisticRegression(C=1 / (l2 * len(fit_rows)), tol=1e-10, max_iter=10_000)
+        probe.fit(scaler.transform(x[fit_rows]), labels[fit_rows])
+        expected = roc_auc_score(labels[holdout_rows], probe.decision_function(scaler.transform(x[holdout_rows])))
+        assert float(ranking.auroc[layer, head]) == pytest.approx(expected, abs=0.005)
+
+
+@pytest.mark.parametrize("l2", [1e-2, 1e-3])
+def test_batched_probe_coefficients_match_sklearn(l2: float) -> None:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (400,), generator=generator)
+    x = torch.randn(5, 400, 6, generator=generator)  # 5 probes
+    x[0, :, 0] += 6 * labels  # nearly separable: the Newton phase has work to do
+    x[1] *= 3
+    weight, bias = fit_head_probes(x, labels.float(), l2=l2)
+    for g in range(5):
+        reference = LogisticRegression(C=1 / (l2 * 400), tol=1e-10, max_iter=10_000).fit(x[g], labels)
+        np.testing.assert_allclose(weight[g], reference.coef_[0], atol=1e-3 * max(1, np.abs(reference.coef_).max()))
+        assert float(bias[g]) == pytest.approx(reference.intercept_[0], abs=1e-3)
+
+
+def test_chunking_and_float16_do_not_change_the_ranking(make_features) -> None:
+    features, labels, _ = make_features(n=300, signal=SIGNAL)
+    features = features.half()
+    whole = rank_heads(features, labels, heads_per_chunk=1000)
+    chunked = rank_heads(features, labels, heads_per_chunk=5)
+    in_float32 = rank_heads(features.float(), labels)
+    torch.testing.assert_close(chunked.auroc, whole.auroc, atol=1e-3, rtol=0)
+    torch.testing.assert_close(in_float32.auroc, whole.auroc)
+
+
+def test_save_load_csv_and_plot(make_features, tmp_path) -> None:
+    features, labels, _ = make_features(n=300, signal=SIGNAL)
+    ranking = rank_heads(features, labels)
+    loaded = HeadRanking.load(ranking.save(tmp_path / "ranking"))
+    torch.testing.assert_close(loaded.auroc, ranking.auroc, rtol=0, atol=0)
+    assert loaded.top(24) == ranking.top(24) and loaded.meta["n_fit"] == ranking.meta["n_fit"]
+    with open(tmp_path / "ranking" / "head_ranking.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(int(r["layer"]), int(r["head"])) for r in rows] == ranking.top(24)
+    assert [float(r["auroc"]) for r in rows] == sorted((float(a) for a in ranking.auroc.flatten()), reverse=True)
+    image = imread(ranking.plot(tmp_path / "heads.png"))
+    assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
+
+
+def test_stratified_split_is_disjoint_and_keeps_class_shares() -> None:
+    labels = torch.tensor([0] * 70 + [1] * 30)
+    kept, held_out = stratified_split(labels, 0.3, seed=1)
+    assert sorted(torch.cat([kept, held_out]).tolist()) == list(range(100))
+    assert (labels[held_out] == 1).sum() == 9 and (labels[held_out] == 0).sum() == 21
+    assert torch.equal(stratified_split(labels, 0.3, seed=1)[1], held_out)
+
+
+def test_bad_input_raises(make_features) -> None:
+    features, labels, _ = make_features(n=100)
+    with pytest.raises(ValueError, match="head ranking rows needs at least 2 benign"):
+        rank_heads(features, torch.ones_like(labels))
+    features[3, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        rank_heads(features, labels)

@@ -1,0 +1,169 @@
+"""Detectors: scikit-learn agreement, planted signals, sparsity optimality, config schema."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from docstring_parser import parse
+from jsonargparse import ArgumentParser
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from sahs.models.detectors import Detector, LogisticDetector, MLPDetector, SparseL1Detector
+
+HEAD_DIM = 8
+
+
+def _planted(n: int, heads: int = 5, strength: float = 3.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenated heads ``[n, heads * HEAD_DIM]``; head 1 carries the label along two dimensions."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=generator)
+    x = torch.randn(n, heads * HEAD_DIM, generator=generator)
+    x[:, HEAD_DIM : HEAD_DIM + 2] += strength * labels[:, None] / np.sqrt(2)
+    return x, labels
+
+
+def _smooth_gradient(x: torch.Tensor, y: torch.Tensor, w: np.ndarray, b: float) -> tuple[np.ndarray, float]:
+    """Gradient of the mean logistic loss, computed in numpy."""
+    x64, y64 = x.numpy().astype(np.float64), y.numpy().astype(np.float64)
+    residual = 1 / (1 + np.exp(-(x64 @ w + b))) - y64
+    return x64.T @ residual / len(y64), residual.mean()
+
+
+@pytest.mark.parametrize("l2", [0.1, 0.01])
+def test_logistic_matches_sklearn(l2: float) -> None:
+    x, y = _planted(1000, strength=1.0)
+    train, test = slice(0, 600), slice(600, None)
+    detector = LogisticDetector(l2=l2).fit(x[train], y[train], tol=1e-7)
+    # sklearn minimizes 0.5||w||^2 + C * sum(loss); ours l2/2 ||w||^2 + mean(loss): C = 1 / (l2 * n).
+    reference = LogisticRegression(C=1 / (l2 * 600), tol=1e-10, max_iter=10_000).fit(x[train], y[train])
+    ours = roc_auc_score(y[test], detector.decision_function(x[test]))
+    assert ours == pytest.approx(roc_auc_score(y[test], reference.decision_function(x[test])), abs=0.005)
+    np.testing.assert_allclose(detector.coef_, reference.coef_[0], atol=2e-3 * np.abs(reference.coef_).max())
+    assert detector.intercept_ == pytest.approx(reference.intercept_[0], abs=2e-3)
+
+
+DETECTORS = {
+    "logistic": lambda: LogisticDetector(l2=1e-2),
+    "l1": lambda: SparseL1Detector(l1=1e-2, head_dim=HEAD_DIM),
+    "group_lasso": lambda: SparseL1Detector(l1=1e-2, group_lasso=True, head_dim=HEAD_DIM),
+    "mlp": lambda: MLPDetector(hidden=[16], l2=1e-2),
+}
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_planted_head_is_detected(name: str) -> None:
+    torch.manual_seed(0)
+    x, y = _planted(800, strength=5.0)
+    detector = DETECTORS[name]().fit(x[:400], y[:400], max_iter=3000)
+    assert roc_auc_score(y[400:], detector.decision_function(x[400:])) >= 0.99
+
+
+@pytest.mark.filterwarnings("ignore:MLPDetector.fit stopped at max_iter")  # memorizing noise takes long
+@pytest.mark.parametrize("name", ["logistic", "mlp"])
+def test_shuffled_labels_stay_at_chance(name: str) -> None:
+    torch.manual_seed(0)
+    x, y = _planted(1400, strength=5.0)
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
+    detector = DETECTORS[name]().fit(x[:400], shuffled[:400], max_iter=300)
+    assert abs(roc_auc_score(shuffled[400:], detector.decision_function(x[400:])) - 0.5) < 0.1
+
+
+def test_l1_solution_satisfies_optimality_conditions() -> None:
+    x, y = _planted(300, strength=2.0)
+    l1 = 0.02
+    detector = SparseL1Detector(l1=l1).fit(x, y, max_iter=5000, tol=1e-9)
+    w = detector.coef_.double().numpy()
+    grad, grad_bias = _smooth_gradient(x, y, w, detector.intercept_)
+    zero = w == 0
+    assert 0 < detector.active_features() < len(w) and zero.sum() == len(w) - detector.active_features()
+    assert np.all(np.abs(grad[zero]) <= l1 + 1e-5)  # zero weights: the gradient fits inside the subgradient
+    np.testing.assert_allclose(grad[~zero], -l1 * np.sign(w[~zero]), atol=1e-5)
+    assert abs(grad_bias) < 1e-5
+
+
+def test_group_lasso_keeps_the_planted_heads_and_is_optimal() -> None:
+    x, y = _planted(400, heads=10, strength=2.5)
+    x[:, 6 * HEAD_DIM] += 1.5 * y  # a second, weaker head
+    l1 = 0.01
+    detector = SparseL1Detector(l1=l1, group_lasso=True, head_dim=HEAD_DIM).fit(x, y, max_iter=5000, tol=1e-9)
+    norms = detector.head_norms().numpy()
+    assert {1, 6} <= set(np.flatnonzero(norms)) and detector.active_heads() == np.count_nonzero(norms) < 10
+    grad = _smooth_gradient(x, y, detector.coef_.double().numpy(), detector.intercept_)[0].reshape(10, HEAD_DIM)
+    w = detector.coef_.double().numpy().reshape(10, HEAD_DIM)
+    weight = l1 * np.sqrt(HEAD_DIM)
+    for head in range(10):
+        if norms[head] == 0:
+            assert np.linalg.norm(grad[head]) <= weight + 1e-5
+        else:
+            np.testing.assert_allclose(grad[head], -weight * w[head] / np.linalg.norm(w[head]), atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:MLPDetector.fit stopped at max_iter")
+def test_mlp_learns_what_a_linear_detector_cannot() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1200, 4)
+    y = ((x[:, 0] > 0) ^ (x[:, 1] > 0)).long()  # XOR of two signs
+    linear = LogisticDetector(l2=1e-3).fit(x[:800], y[:800])
+    mlp = MLPDetector(hidden=[32, 16], l2=1e-4).fit(x[:800], y[:800], max_iter=500)
+    assert abs(roc_auc_score(y[800:], linear.decision_function(x[800:])) - 0.5) < 0.1
+    assert roc_auc_score(y[800:], mlp.decision_function(x[800:])) > 0.95
+
+
+def test_fit_learns_the_objective_minibatch_training_uses() -> None:
+    x, y = _planted(200)
+    detector = LogisticDetector(l2=0.1)
+    assert detector.fit(x.half(), y) is detector and detector.n_iter_ > 0
+    logits = x.half().float().numpy() @ detector.coef_.numpy() + detector.intercept_
+    bce = np.mean(np.logaddexp(0, logits) - y.numpy() * logits)
+    assert detector.loss_ == pytest.approx(bce + 0.05 * np.sum(detector.coef_.numpy() ** 2), rel=1e-5)
+    proba = detector.predict_proba(x)
+    torch.testing.assert_close(proba.sum(dim=1), torch.ones(200))
+    torch.testing.assert_close(proba[:, 1], torch.sigmoid(detector.decision_function(x)))
+    assert torch.equal(detector.predict(x), (detector.decision_function(x) >= 0).long())
+
+
+@pytest.mark.parametrize(
+    ("detector", "message"),
+    [
+        (LogisticDetector(l2=-1.0), "l2 must be >= 0"),
+        (SparseL1Detector(group_lasso=True), "group_lasso needs head_dim"),
+        (SparseL1Detector(head_dim=7), "does not divide"),
+        (MLPDetector(dropout=1.5), "dropout must be in"),
+    ],
+)
+def test_arguments_are_stored_as_given_and_checked_when_fitting(detector: Detector, message: str) -> None:
+    assert detector.clone().get_params() == detector.get_params()  # construction never rejects or rewrites
+    x, y = _planted(50)
+    with pytest.raises(ValueError, match=message):
+        detector.fit(x, y)
+
+
+def test_fit_rejects_one_class_labels() -> None:
+    with pytest.raises(ValueError, match="only class 1"):
+        LogisticDetector().fit(torch.randn(10, 3), torch.ones(10))
+
+
+def test_detectors_are_configured_from_class_path() -> None:
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(Detector, "detector")
+    config = parser.parse_args(
+        ["--detector", '{"class_path": "sahs.models.detectors.SparseL1Detector", '
+         '"init_args": {"l1": 0.05, "group_lasso": true, "head_dim": 8}}']
+    )  # fmt: skip
+    detector = parser.instantiate_classes(config).detector
+    assert isinstance(detector, SparseL1Detector)
+    assert detector.get_params() == {"l1": 0.05, "group_lasso": True, "head_dim": 8}
+
+
+@pytest.mark.parametrize("cls", [LogisticDetector, SparseL1Detector, MLPDetector])
+def test_every_argument_is_typed_and_documented(cls: type[Detector]) -> None:
+    signature = inspect.signature(cls.__init__)
+    arguments = [p for p in signature.parameters.values() if p.name != "self"]
+    documented = {p.arg_name: p.description for p in parse(cls.__init__.__doc__).params}
+    for argument in arguments:
+        assert argument.annotation is not inspect.Parameter.empty and argument.default is not inspect.Parameter.empty
+        assert documented.get(argument.name), f"{cls.__name__}.{argument.name} has no docstring"
