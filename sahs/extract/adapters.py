@@ -20,6 +20,8 @@ DEFAULT_OUT_PROJ_NAMES = ("self_attn.o_proj", "self_attn.out_proj", "attention.o
 # model_type -> the out projection relative to one layer, where introspection would pick wrongly.
 OUT_PROJ_NAMES: dict[str, str] = {
     "bert": "attention.output.dense",
+    "distilbert": "attention.out_lin",
+    "mpnet": "attention.attn.o",
 }
 # model_type -> the path of the layer list relative to the decoder, where introspection is ambiguous.
 LAYER_LIST_NAMES: dict[str, str] = {
@@ -62,7 +64,7 @@ def _unsupported(model: PreTrainedModel, why: str) -> UnsupportedModelError:
         f"cannot locate the attention heads of {type(model).__name__} "
         f"(model_type={model.config.model_type!r}): {why}. To add it, set its attention output "
         f"projection in sahs.extract.adapters.OUT_PROJ_NAMES (and the layer list in LAYER_LIST_NAMES) "
-        f"and pin it with a tiny-config test in tests/test_adapters.py."
+        f"and pin it with a tiny-config builder in tests/families.py."
     )
 
 
@@ -92,17 +94,6 @@ def _out_proj(model: PreTrainedModel, layer: nn.Module) -> nn.Module:
     raise _unsupported(model, f"no attention output projection among {list(names)}")
 
 
-def _num_heads(model: PreTrainedModel, text_config: Any, num_layers: int) -> int:
-    """Query heads per layer; the same in every layer, or the cache layout would not be one array."""
-    if getattr(text_config, "is_heterogeneous", False):  # per-layer configs may set their own head count
-        counts = {getattr(text_config.per_layer_config[i], "num_attention_heads", None) for i in range(num_layers)}
-    else:
-        counts = {getattr(text_config, "num_attention_heads", None)}
-    if None in counts or len(counts) != 1:
-        raise _unsupported(model, f"expected one num_attention_heads for every layer, found {sorted(counts, key=str)}")
-    return counts.pop()
-
-
 def find_adapter(model: PreTrainedModel) -> ModelAdapter:
     """Locate the per-layer attention output projections of ``model``'s language model."""
     text_config = _text_config(model)
@@ -111,9 +102,11 @@ def find_adapter(model: PreTrainedModel) -> ModelAdapter:
     out_projs = tuple(_out_proj(model, layer) for layer in layers)
     # Heads are the query heads: under grouped-query attention o_proj still sees num_attention_heads,
     # and head_dim comes from o_proj's width since it need not be hidden_size / heads (Gemma).
-    num_heads = _num_heads(model, text_config, num_layers)
-    in_features = getattr(out_projs[0], "in_features", None)
-    if not isinstance(in_features, int) or in_features % num_heads:
-        raise _unsupported(model, f"o_proj input width {in_features} is not a multiple of {num_heads} heads")
-    layout = HeadLayout(num_layers, num_heads, in_features // num_heads)
+    num_heads = getattr(text_config, "num_attention_heads", None)
+    if not isinstance(num_heads, int):
+        raise _unsupported(model, "its text config has no num_attention_heads")
+    widths = sorted({getattr(out_proj, "in_features", None) for out_proj in out_projs}, key=str)
+    if len(widths) != 1 or not isinstance(widths[0], int) or widths[0] % num_heads:
+        raise _unsupported(model, f"o_proj input widths {widths} are not one multiple of {num_heads} heads")
+    layout = HeadLayout(num_layers, num_heads, widths[0] // num_heads)
     return ModelAdapter(model.config.model_type, out_projs, layout)

@@ -42,13 +42,11 @@ def encode_batch(processor: Any, texts: Sequence[str], images: Sequence[Image.Im
                  padding_side: Literal["left", "right"] | None = None) -> BatchEncoding:
     """Tokenize a padded batch, with images through the model's own processor.
 
-    ``padding_side`` None keeps the tokenizer's: ``load_model`` sets left for decoders and right for
-    encoders, whose absolute position embeddings left padding would shift. The capture position is
-    read from the attention mask, so either side gives the same activations.
+    Padding goes on ``padding_side``, by default the tokenizer's own, which ``load_model`` sets: left for
+    decoders (as for generation), right for encoders, whose absolute position embeddings left padding
+    would shift. The read position comes from the attention mask: the last real token on either side.
     """
     tokenizer = _tokenizer(processor)
-    if padding_side is not None:
-        tokenizer.padding_side = padding_side
     if tokenizer.pad_token is None:  # decoder-only LMs often ship without one
         tokenizer.pad_token = tokenizer.eos_token
     has_image = [image is not None for image in images]
@@ -57,8 +55,9 @@ def encode_batch(processor: Any, texts: Sequence[str], images: Sequence[Image.Im
                          "(e.g. filter the prompt set to the `text` attack family)")
     prompts = [format_prompt(processor, text, flag) for text, flag in zip(texts, has_image)]
     # A chat template writes the special tokens itself; raw text (encoders) needs the tokenizer's.
-    kwargs: dict[str, Any] = {"padding": True, "return_tensors": "pt",
-                              "add_special_tokens": _template_owner(processor) is None}
+    # Passed on every call: some processors (InternVL, Aya Vision) would otherwise force their own side.
+    kwargs: dict[str, Any] = {"padding": True, "padding_side": padding_side or tokenizer.padding_side,
+                              "return_tensors": "pt", "add_special_tokens": _template_owner(processor) is None}
     if is_multimodal(processor):
         # One list of images per prompt, empty for text-only prompts: every processor reads this layout.
         pictures = [[image.convert("RGB")] if image is not None else [] for image in images]

