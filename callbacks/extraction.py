@@ -57,5 +57,7 @@ class ActivationExtraction(L.Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "cache_dir"):
             raise TypeError("ActivationExtraction fills the cache of an ActivationDataModule; pass one as `data`")
+        if self.status is not None and datamodule.cache is not None:
+            return  # checked for an earlier stage of this run (fit, then validate and test)
         self.fill(datamodule.cache_dir, trainer.global_rank, trainer.world_size, trainer.strategy.barrier)
         datamodule.load()

@@ -56,7 +56,7 @@ def tiny_llava_config(
     text = LlamaConfig(
         hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=text_layers,
         num_attention_heads=text_heads, num_key_value_heads=kv_heads,
-        vocab_size=256 + len(SPECIAL_TOKENS), max_position_embeddings=2048,
+        vocab_size=256 + len(SPECIAL_TOKENS), max_position_embeddings=8192,
         bos_token_id=1, eos_token_id=2, pad_token_id=3,
     )
     return LlavaConfig(
