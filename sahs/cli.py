@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from collections.abc import Callable
@@ -61,16 +62,16 @@ def _data_main(args: list[str]) -> None:
     build_main(args[1:])
 
 
-def _locate_main(args: list[str]) -> None:
-    from sahs.commands.locate import main as locate_main
-
-    locate_main(args)
+def _verb(module: str) -> Callable[[list[str]], None]:
+    """A verb whose code is imported only when it runs."""
+    return lambda args: importlib.import_module(f"sahs.commands.{module}").main(args)
 
 
 # Verbs that are not Trainer methods: each takes the rest of the command line.
 EXTRA_COMMANDS: dict[str, Callable[[list[str]], object]] = {
     "data": _data_main,
-    "locate": _locate_main,
+    "locate": _verb("locate"),
+    "loao": _verb("loao"),
 }
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sahs.data.datamodule import ActivationDataModule
@@ -19,6 +20,7 @@ class Run:
     root_dir: Path
     extraction: object | None  # sahs.callbacks.ActivationExtraction, if the config has one
     seed: int
+    loggers: list = field(default_factory=list)
 
     def ensure_cache(self) -> None:
         """Fill the cache through the config's extraction callback (no-op when it is reused), then load it."""
@@ -27,7 +29,8 @@ class Run:
         self.datamodule.load()
 
 
-def parse(verb: str, argv: list[str], add_arguments) -> tuple[argparse.Namespace, Run]:
+def parse(verb: str, argv: list[str], add_arguments: Callable[[argparse.ArgumentParser], None],
+          keep_logger: bool = False) -> tuple[argparse.Namespace, Run]:
     """Split the verb's own options from the fit config and its overrides, and build the run."""
     from sahs.callbacks import ActivationExtraction
     from sahs.cli import SahsCLI
@@ -38,9 +41,9 @@ def parse(verb: str, argv: list[str], add_arguments) -> tuple[argparse.Namespace
     add_arguments(parser)
     options, rest = parser.parse_known_args(argv)
     cli = SahsCLI(DetectorModule, ActivationDataModule, parser_kwargs={"parser_mode": "omegaconf"}, run=False,
-                  args=["--config", options.config, "--trainer.logger=false", *rest])
+                  args=["--config", options.config, *([] if keep_logger else ["--trainer.logger=false"]), *rest])
     extraction = next((c for c in cli.trainer.callbacks if isinstance(c, ActivationExtraction)), None)
     seed = cli.config.get("seed_everything")
     run = Run(cli.datamodule, cli.model, Path(cli.trainer.default_root_dir), extraction,
-              seed if isinstance(seed, int) else 0)
+              seed if isinstance(seed, int) else 0, list(cli.trainer.loggers))
     return options, run

@@ -9,6 +9,10 @@ from PIL import Image
 from transformers import BatchEncoding
 
 
+# Tokenizers without a declared limit report a huge sentinel length; only real limits truncate.
+MAX_DECLARED_LENGTH = 1_000_000
+
+
 def _tokenizer(processor: Any) -> Any:
     return getattr(processor, "tokenizer", processor)
 
@@ -58,6 +62,11 @@ def encode_batch(processor: Any, texts: Sequence[str], images: Sequence[Image.Im
     # Passed on every call: some processors (InternVL, Aya Vision) would otherwise force their own side.
     kwargs: dict[str, Any] = {"padding": True, "padding_side": padding_side or tokenizer.padding_side,
                               "return_tensors": "pt", "add_special_tokens": _template_owner(processor) is None}
+    if tokenizer.model_max_length <= MAX_DECLARED_LENGTH:
+        # Over-long prompts (jailbreak templates on 512-token encoders) keep their end: the request
+        # and the read position are there.
+        kwargs.update(truncation=True, max_length=tokenizer.model_max_length)
+        tokenizer.truncation_side = "left"
     if is_multimodal(processor):
         # One list of images per prompt, empty for text-only prompts: every processor reads this layout.
         pictures = [[image.convert("RGB")] if image is not None else [] for image in images]
