@@ -64,3 +64,19 @@ def test_loao_names_the_fold_that_lacks_a_class(tmp_path):
                                       "data": {"cache_dir": str(tmp_path / "cache")}}))
     with pytest.raises(ValueError, match="lonely"):
         main(["loao", "--config", str(config)])
+
+
+@pytest.mark.parametrize("detector", [
+    ["--model.detector=sahs.models.detectors.LogisticDetector"],
+    ["--model.detector=sahs.models.detectors.SparseL1Detector", "--model.detector.l1=0.1",
+     "--model.detector.group_lasso=true"],
+    ["--model.detector=sahs.models.detectors.MLPDetector", "--model.detector.hidden=[16]"],
+], ids=["logistic", "group_lasso", "mlp"])
+def test_the_detector_is_swapped_from_the_config(run_config, capsys, detector):
+    main(["fit", "--config", str(run_config), "--trainer.max_epochs=25", "--trainer.enable_progress_bar=false",
+          "--model.lr=0.03", *detector])  # a later --model.lr in `detector` wins
+    summary = next(line for line in capsys.readouterr().out.splitlines() if "test/auroc=" in line)
+    assert float(summary.split("test/auroc=")[1].split()[0]) >= 0.95
+    if "group_lasso" in " ".join(detector):
+        active = float(summary.split("val/active_heads=")[1].split()[0])
+        assert 1 <= active < 12  # the penalty dropped heads, the planted ones stayed

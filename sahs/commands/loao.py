@@ -31,7 +31,10 @@ def main(argv: list[str]) -> None:
     candidates = [(layer, head) for layer in layers for head in range(cache.layout["num_heads"])]
     features = cache.read(candidates).view(len(cache), len(layers), cache.layout["num_heads"], -1)
     labels, attacks = cache.labels, cache.column("attack")
-    settings = dict(top_k=_top_k(options.top_k, datamodule.hparams.top_k), detector=run.module.detector,
+    detector = run.module.detector
+    if getattr(detector, "head_dim", 0) is None:  # group lasso needs each head's width
+        detector.head_dim = cache.layout["head_dim"]
+    settings = dict(top_k=_top_k(options.top_k, datamodule.hparams.top_k), detector=detector,
                     seed=run.seed)
     result = leave_one_attack_out(features, labels, attacks, **settings)
     for fold in result.folds:  # report model layer indices, not positions in the candidate list

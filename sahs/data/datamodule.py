@@ -97,6 +97,10 @@ class ActivationDataModule(L.LightningDataModule):
         self._require_loaded()
         return self.features.shape[1]
 
+    @property
+    def head_dim(self) -> int:
+        return self._require_loaded().layout["head_dim"]
+
     def split_tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(features [n, features], labels [n])`` of one split."""
         self._require_loaded()

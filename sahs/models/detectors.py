@@ -45,6 +45,9 @@ def _check_xy(X: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
 class Detector(nn.Module):
     """Base class: ``build`` creates the layers, ``forward`` returns one logit per row."""
 
+    # A non-smooth penalty is applied by ``proximal_step`` after each optimizer step, not by autograd.
+    proximal = False
+
     def __init__(self) -> None:
         super().__init__()
         self.in_features: int | None = None
@@ -226,6 +229,13 @@ class SparseL1Detector(_LinearDetector):
         if self.group_lasso:
             return self._group_weight() * weight.view(-1, self.head_dim).norm(dim=1).sum()
         return self.l1 * weight.abs().sum()
+
+    proximal = True
+
+    @torch.no_grad()
+    def proximal_step(self, step: float) -> None:
+        """Proximal gradient for minibatch training: shrink the weights after a gradient step of size ``step``."""
+        self.linear.weight[0] = self._prox(self.linear.weight[0], step)
 
     def _prox(self, weight: torch.Tensor, step: float) -> torch.Tensor:
         """Proximal map of ``step * penalty``: soft-thresholding, per entry or per head block."""

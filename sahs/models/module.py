@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import lightning as L
 import torch
 from torch import nn
@@ -25,6 +27,7 @@ class DetectorModule(L.LightningModule):
         lr: float = 1e-2,
         weight_decay: float = 0.0,
         standardize: bool = True,
+        optimizer: Literal["auto", "adam", "sgd"] = "auto",
     ) -> None:
         """
         Args:
@@ -32,6 +35,8 @@ class DetectorModule(L.LightningModule):
             lr: Adam learning rate.
             weight_decay: Adam weight decay (prefer the detector's own penalty, which spares the bias).
             standardize: Scale features by mean and std of the training split before the detector.
+            optimizer: ``auto`` is Adam, except plain SGD for L1 / group-lasso detectors: their proximal
+                step needs gradient steps of size ``lr``, which Adam's per-weight scaling breaks.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["detector"])
@@ -46,6 +51,8 @@ class DetectorModule(L.LightningModule):
         # Shapes come from the data: build once the DataModule knows the selected heads.
         datamodule = self.trainer.datamodule
         if not self.detector.built:
+            if getattr(self.detector, "head_dim", 0) is None:  # group lasso needs each head's width
+                self.detector.head_dim = datamodule.head_dim
             self.detector.build(datamodule.num_features)
         if stage == "fit" or self.feature_mean.numel() == 0:
             x, _ = datamodule.split_tensors("train")
@@ -64,9 +71,15 @@ class DetectorModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = self.loss(self(x), y) + self.detector.penalty()
+        loss = self.loss(self(x), y)
+        if not self.detector.proximal:
+            loss = loss + self.detector.penalty()
         self.log("train/loss", loss, prog_bar=True, on_epoch=True, on_step=False)
         return loss
+
+    def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
+        if self.detector.proximal:  # L1 / group lasso: exact zeros, so dropped heads are really dropped
+            self.detector.proximal_step(self.hparams.lr)
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
         x, y = batch
@@ -78,6 +91,10 @@ class DetectorModule(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_metrics)
 
+    def on_validation_epoch_end(self) -> None:
+        if hasattr(self.detector, "active_heads") and getattr(self.detector, "head_dim", None):
+            self.log("val/active_heads", float(self.detector.active_heads()))
+
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_metrics)
 
@@ -85,4 +102,7 @@ class DetectorModule(L.LightningModule):
         return torch.sigmoid(self(batch[0]))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        hp = self.hparams
+        choice = hp.optimizer if hp.optimizer != "auto" else ("sgd" if self.detector.proximal else "adam")
+        optimizer = torch.optim.SGD if choice == "sgd" else torch.optim.Adam
+        return optimizer(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
