@@ -70,6 +70,7 @@ def _verb(module: str) -> Callable[[list[str]], None]:
 # Verbs that are not Trainer methods: each takes the rest of the command line.
 EXTRA_COMMANDS: dict[str, Callable[[list[str]], object]] = {
     "data": _data_main,
+    "extract": _verb("extract"),
     "locate": _verb("locate"),
     "loao": _verb("loao"),
 }

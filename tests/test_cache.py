@@ -95,6 +95,7 @@ def test_a_cache_from_other_settings_is_refused_or_rebuilt(tmp_path, prompts, ch
 def test_resume_redoes_only_missing_and_corrupt_shards(tmp_path, prompts, expected, monkeypatch):
     ensure_cache(tmp_path, ModelConfig(), prompts, SETTINGS, progress=False)
     shards = sorted((tmp_path / "shards").glob("*.safetensors"))
+    redo = [pid for shard in shards[:2] for pid in json.loads(shard.with_suffix(".json").read_text())["ids"]]
     (tmp_path / "manifest.json").unlink()  # as if killed before the end
     shards[0].with_suffix(".json").unlink()  # killed between the tensor file and its sidecar
     shards[1].write_bytes(shards[1].read_bytes()[:-7])  # truncated on disk
@@ -103,7 +104,7 @@ def test_resume_redoes_only_missing_and_corrupt_shards(tmp_path, prompts, expect
     monkeypatch.setattr(pipeline, "extract_into",
                         lambda root, m, p, indices, *a, **k: (extracted.extend(indices), real(root, m, p, indices, *a, **k)))
     assert ensure_cache(tmp_path, ModelConfig(), prompts, SETTINGS, progress=False) == "resumed"
-    assert sorted(extracted) == list(range(8))  # the first two shards' prompts, nothing else
+    assert sorted(prompts["id"][i] for i in extracted) == sorted(redo)  # those two shards' prompts, nothing else
     cache = ActivationCache(tmp_path)
     assert sorted(cache.column("id")) == sorted(prompts["id"]) and len(cache) == len(prompts)
     torch.testing.assert_close(cache.read().view_as(expected), expected, atol=1e-4, rtol=1e-4)
@@ -130,3 +131,21 @@ def test_reading_heads_outside_the_cache_is_refused(tmp_path, prompts):
         cache.read([(3, 0)])
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["layout"]["num_layers"] == 4 and manifest["layout"]["layers"] == [0, 1]
+
+
+def test_writer_holds_at_most_one_shard_and_reads_pick_any_heads(tmp_path):
+    """Rows reach disk as soon as a shard is full; reads of any heads, in any order, match the rows written."""
+    layout = {"num_layers": 3, "num_heads": 4, "head_dim": 2, "layers": [0, 1, 2], "family": "synthetic"}
+    rows = torch.randn(11, 3, 4, 2)  # [rows, layers, heads, head_dim]
+    order = [7, 2, 9, 0, 4, 10, 1, 5, 8, 3, 6]  # written shuffled, as a length-sorted extraction does
+    writer = cache_io.ShardWriter(tmp_path, layout, shard_size=3, dtype=torch.float32)
+    for written in range(0, 11, 2):
+        batch = order[written:written + 2]
+        writer.add([f"s{i:02d}" for i in batch], rows[batch])
+        assert len(cache_io.finished_shards(tmp_path)) == (written + len(batch)) // 3  # the rest is buffered
+    writer.close()
+    cache_io.write_manifest(tmp_path, [{"id": f"s{i:02d}", "label": i % 2} for i in range(11)])
+    cache = ActivationCache(tmp_path)
+    assert torch.equal(cache.read(), rows.flatten(1, 2))
+    heads = [(2, 3), (0, 0), (2, 1), (1, 2)]
+    assert torch.equal(cache.read(heads), torch.stack([rows[:, layer, head] for layer, head in heads], dim=1))

@@ -11,6 +11,7 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from sahs.cli import SahsCLI, main
+from sahs.data.cache import ActivationCache
 from sahs.data.datamodule import ActivationDataModule
 from sahs.models.module import DetectorModule
 
@@ -105,3 +106,20 @@ def test_a_config_typo_names_the_key(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--data.cache_dri=x"])
     assert "cache_dri" in capsys.readouterr().err
+
+
+def test_extract_verb_writes_the_cache_that_fit_reuses(tmp_path, capsys):
+    config = trimmed_demo(tmp_path)
+    main(["extract", "--config", str(config)])
+    assert "activation cache built" in capsys.readouterr().out
+    by_trainer = ActivationCache(tmp_path / "cache")
+
+    # The fit-time callback's own path into another folder gives the same rows and values.
+    main(["fit", "--config", str(config), f"--data.cache_dir={tmp_path / 'again'}", "--trainer.max_epochs=1"])
+    by_callback = ActivationCache(tmp_path / "again")
+    assert by_trainer.fingerprint == by_callback.fingerprint
+    assert by_trainer.column("id") == by_callback.column("id")
+    torch.testing.assert_close(by_trainer.read(), by_callback.read(), atol=1e-3, rtol=1e-3)
+
+    main(["fit", "--config", str(config), "--trainer.max_epochs=1"])
+    assert "activation cache reused" in capsys.readouterr().out

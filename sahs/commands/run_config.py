@@ -21,6 +21,7 @@ class Run:
     extraction: object | None  # sahs.callbacks.ActivationExtraction, if the config has one
     seed: int
     loggers: list = field(default_factory=list)
+    devices: dict = field(default_factory=dict)  # accelerator, devices, num_nodes, strategy as configured
 
     def ensure_cache(self) -> None:
         """Fill the cache through the config's extraction callback (no-op when it is reused), then load it."""
@@ -45,5 +46,6 @@ def parse(verb: str, argv: list[str], add_arguments: Callable[[argparse.Argument
     extraction = next((c for c in cli.trainer.callbacks if isinstance(c, ActivationExtraction)), None)
     seed = cli.config.get("seed_everything")
     run = Run(cli.datamodule, cli.model, Path(cli.trainer.default_root_dir), extraction,
-              seed if isinstance(seed, int) else 0, list(cli.trainer.loggers))
+              seed if isinstance(seed, int) else 0, list(cli.trainer.loggers),
+              {key: cli.config[f"trainer.{key}"] for key in ("accelerator", "devices", "num_nodes", "strategy")})
     return options, run

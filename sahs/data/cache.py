@@ -9,7 +9,7 @@ Layout of a cache folder::
     manifest.json               every prompt's id, label, attack, source, category, split, shard, row
 
 Shards are written to a temporary name and renamed, so a killed extraction leaves only whole shards.
-Reads are memory-mapped (safetensors) and take only the heads asked for.
+Reads are memory-mapped (safetensors) and touch only the pages of the heads asked for.
 """
 
 from __future__ import annotations
@@ -171,9 +171,15 @@ def finished_shards(root: Path, verify: bool = True) -> dict[str, dict[str, Any]
 
 
 def recorded_ids(root: Path) -> set[str]:
-    """Prompt ids that the shards' sidecars name, read without checking or removing anything."""
-    sidecars = (Path(root) / "shards").glob("r*.json")
-    return {prompt_id for path in sidecars for prompt_id in json.loads(path.read_text())["ids"]}
+    """Prompt ids of the shards that have a sidecar, read without checking or removing anything.
+
+    Safe while other ranks write: a sidecar is renamed into place only after its shard.
+    """
+    ids: set[str] = set()
+    for sidecar in (Path(root) / "shards").glob("r*.json"):
+        if sidecar.with_suffix(".safetensors").exists():
+            ids.update(json.loads(sidecar.read_text())["ids"])
+    return ids
 
 
 def write_manifest(root: Path, records: Iterable[dict[str, Any]]) -> None:
@@ -247,12 +253,17 @@ class ActivationCache:
         by_shard: dict[str, list[tuple[int, int]]] = {}
         for index, row in enumerate(self.rows):
             by_shard.setdefault(row["shard"], []).append((index, row["row"]))
+        num_heads = self.layout["num_heads"]
+        flat = [position[layer] * num_heads + head for layer, head in heads]
+        select = None if flat == list(range(len(self.layers) * num_heads)) else torch.tensor(flat)
         out = torch.empty(len(self.rows), len(heads), self.layout["head_dim"], dtype=torch.float32)
         for stem, pairs in by_shard.items():
-            targets, rows = map(torch.tensor, zip(*pairs))
+            targets, rows = zip(*pairs)
             with safe_open(str(self.root / "shards" / f"{stem}.safetensors"), framework="pt") as handle:
-                tensor = handle.get_slice(TENSOR)
-                for j, (layer, head) in enumerate(heads):
-                    block = tensor[:, position[layer], head]  # [shard_rows, head_dim], read from the mmap
-                    out[targets, j] = block[rows].float()
+                # Memory-mapped: only the pages of the heads selected below are read from disk.
+                stored = handle.get_tensor(TENSOR).flatten(1, 2)  # [shard_rows, layers * heads, head_dim]
+                picked = stored if select is None else stored.index_select(1, select)
+                if list(rows) != list(range(len(stored))):  # the manifest skips or reorders some rows
+                    picked = picked[torch.tensor(rows)]
+                out[torch.tensor(targets)] = picked.float()
         return out

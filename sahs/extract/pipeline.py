@@ -67,26 +67,32 @@ def _batches(prompts: datasets.Dataset, indices: list[int], size: int) -> Iterat
         yield prompts.select(indices[start:start + size])[:]
 
 
-@torch.inference_mode()
 def extract_into(root: Path, model_cfg: ModelConfig, prompts: datasets.Dataset, indices: list[int],
                  settings: ExtractionSettings, rank: int = 0, progress: bool = True) -> None:
-    """Writes the rows of ``indices`` as this rank's shards, stopping each forward after the last kept layer."""
+    """Load the model, write the rows of ``indices`` as this rank's shards, release the model."""
     model, processor = load_model(model_cfg)
     try:
-        adapter = find_adapter(model)
-        device = next(model.parameters()).device
-        writer = cache_io.ShardWriter(root, cache_layout(adapter, settings.layers), rank, settings.shard_size,
-                                      CACHE_DTYPES[settings.cache_dtype])
-        bar = tqdm(total=len(indices), desc="extracting activations", unit="prompt", disable=not progress)
-        with HeadCapture(adapter, settings.layers, early_exit=True) as capture:
-            for batch in _batches(prompts, indices, settings.batch_size):
-                writer.add(batch["id"], capture_batch(model, processor, capture, batch, device))
-                bar.update(len(batch["id"]))
-        bar.close()
-        writer.close()
+        write_activations(model, processor, root, prompts, indices, settings, rank, progress)
     finally:
         del model
         release()
+
+
+@torch.inference_mode()
+def write_activations(model: PreTrainedModel, processor: Any, root: Path, prompts: datasets.Dataset,
+                      indices: list[int], settings: ExtractionSettings, rank: int = 0, progress: bool = True) -> None:
+    """The extraction loop over a loaded model; each forward stops after the last kept layer."""
+    adapter = find_adapter(model)
+    device = next(model.parameters()).device
+    writer = cache_io.ShardWriter(root, cache_layout(adapter, settings.layers), rank, settings.shard_size,
+                                  CACHE_DTYPES[settings.cache_dtype])
+    bar = tqdm(total=len(indices), desc="extracting activations", unit="prompt", disable=not progress)
+    with HeadCapture(adapter, settings.layers, early_exit=True) as capture:
+        for batch in _batches(prompts, indices, settings.batch_size):
+            writer.add(batch["id"], capture_batch(model, processor, capture, batch, device))
+            bar.update(len(batch["id"]))
+    bar.close()
+    writer.close()
 
 
 @dataclass
@@ -96,7 +102,7 @@ class ExtractionPlan:
     done: set[str]
     """Ids of the prompts already in finished shards."""
     missing: list[int]
-    """Row indices of the prompts still to extract, in prompt-set order."""
+    """Row indices of the prompts still to extract, shortest text first (the order batches are made in)."""
 
     @property
     def status(self) -> Literal["built", "resumed"]:
@@ -105,16 +111,22 @@ class ExtractionPlan:
 
 def plan_extraction(root: Path, fingerprint: dict[str, Any], prompts: datasets.Dataset, *, rebuild: bool,
                     rank: int = 0, barrier: Callable[[], None] = lambda: None) -> ExtractionPlan:
-    """Rank 0 readies the folder (refuse or clear a mismatch, drop unfinished shards); then every rank
-    reads which prompts are left. All ranks must call it, since it waits at ``barrier``."""
+    """Rank 0 readies the folder (clear a mismatch, drop unfinished shards); then every rank reads which
+    prompts are left. All ranks must call it, since it waits at ``barrier``."""
     root = Path(root)
+    # Every rank refuses a mismatch itself (read-only), so that none waits at a barrier for a failed rank 0.
+    cache_io.check_folder(root, fingerprint, rebuild)
+    barrier()
     if rank == 0:
         cache_io.prepare_folder(root, fingerprint, rebuild=rebuild)
         (root / "manifest.json").unlink(missing_ok=True)
         cache_io.finished_shards(root, verify=True)  # drops unfinished or corrupt shards
     barrier()
-    done = {pid for sidecar in cache_io.finished_shards(root, verify=False).values() for pid in sidecar["ids"]}
-    return ExtractionPlan(done, [i for i, pid in enumerate(prompts["id"]) if pid not in done])
+    done = cache_io.recorded_ids(root)  # read-only: a fast rank may already be writing its first shard
+    missing = [i for i, pid in enumerate(prompts["id"]) if pid not in done]
+    # Similar lengths share a batch, so left padding stays short (long jailbreak templates together).
+    lengths = [len(text) for text in prompts["text"]]
+    return ExtractionPlan(done, sorted(missing, key=lambda i: (lengths[i], i)))
 
 
 def finish_cache(root: Path, prompts: datasets.Dataset) -> None:

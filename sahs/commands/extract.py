@@ -1,0 +1,28 @@
+"""``sahs extract``: fill a run's activation cache as a Lightning predict run over the configured devices.
+
+Uses the fit config's extraction callback (model, prompts, settings) and trainer devices, so
+``--trainer.devices 8 --trainer.strategy ddp`` spreads prompts over GPUs (and ``num_nodes`` over nodes).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sahs.commands.run_config import parse
+from sahs.extract.distributed import extract_with_trainer
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    """``sahs extract`` takes only the run config and its overrides."""
+
+
+def main(argv: list[str]) -> None:
+    _, run = parse("extract", argv, _arguments)
+    if run.extraction is None:
+        raise SystemExit("this config has no sahs.callbacks.ActivationExtraction in trainer.callbacks: "
+                         "it names no model or prompt set to extract")
+    callback = run.extraction
+    status = extract_with_trainer(
+        run.datamodule.cache_dir, callback.model, callback.prompts.load(), callback.extraction,
+        on_mismatch=callback.on_mismatch, progress=callback.progress, **run.devices)
+    print(f"[sahs] activation cache {status}: {run.datamodule.cache_dir}")
