@@ -86,3 +86,20 @@ def test_top_k_keeps_the_planted_heads_ranked_on_train_only(tmp_path, monkeypatc
     assert set(dm.selected_heads) == {(1, 2), (2, 0)}
     assert seen_rows == [len(dm.splits["train"])]
     torch.testing.assert_close(dm.features, torch.cat([features[:, l, h] for l, h in dm.selected_heads], dim=1))
+
+
+def test_asr_and_pr_use_the_threshold_chosen_on_validation(tmp_path):
+    features, labels, attacks = planted_features(n=400, signal_heads=[(1, 2)], strength=1.5)
+    write_cache(tmp_path, features, labels, attacks)
+    dm = ActivationDataModule(str(tmp_path), batch_size=32)
+    module, trainer = fit(dm, epochs=10)
+    (result,) = trainer.test(module, datamodule=dm, verbose=False)
+    with torch.no_grad():
+        val_scores, val_y = (torch.sigmoid(module(dm.split_tensors("val")[0])), dm.split_tensors("val")[1])
+        test_scores, test_y = (torch.sigmoid(module(dm.split_tensors("test")[0])), dm.split_tensors("test")[1])
+    # Independently: the highest threshold that still flags 95% of the malicious validation prompts.
+    malicious = val_scores[val_y == 1].sort(descending=True).values
+    threshold = malicious[int(torch.ceil(torch.tensor(0.95 * len(malicious)))) - 1]
+    assert float(module.threshold) == pytest.approx(float(threshold))
+    assert result["test/asr"] == pytest.approx(float((test_scores[test_y == 1] < threshold).float().mean()))
+    assert result["test/pr"] == pytest.approx(float((test_scores[test_y == 0] < threshold).float().mean()))

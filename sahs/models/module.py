@@ -10,6 +10,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryAveragePrecision
 
+from sahs.eval.metrics import attack_success_rate, choose_threshold, fpr_at_tpr, passing_rate
 from sahs.models.detectors import Detector, LogisticDetector
 
 
@@ -43,6 +44,10 @@ class DetectorModule(L.LightningModule):
         self.detector = detector if detector is not None else LogisticDetector()
         self.register_buffer("feature_mean", torch.zeros(0))
         self.register_buffer("feature_std", torch.ones(0))
+        # Operating threshold on the malicious probability, chosen on validation (95% TPR), used on test.
+        self.register_buffer("threshold", torch.tensor(0.5))
+        self._scores: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
         self.loss = nn.BCEWithLogitsLoss()
         self.val_metrics = _metrics("val/")
         self.test_metrics = _metrics("test/")
@@ -87,16 +92,34 @@ class DetectorModule(L.LightningModule):
         self.log(f"{stage}/loss", self.loss(logits, y), prog_bar=stage == "val")
         metrics.update(torch.sigmoid(logits), y.long())
         self.log_dict(metrics, prog_bar=stage == "val")
+        self._scores.append(torch.sigmoid(logits).detach().cpu())
+        self._labels.append(y.detach().cpu().long())
+
+    def _log_operating_point(self, stage: str) -> None:
+        """FPR at 95% TPR, and the paper's ASR and PR at the threshold chosen on validation."""
+        scores, labels = torch.cat(self._scores), torch.cat(self._labels)
+        self._scores, self._labels = [], []
+        if stage == "val":
+            self.threshold.fill_(choose_threshold(scores, labels, part="the validation split"))
+        part = f"the {stage} split"
+        threshold = float(self.threshold)
+        self.log_dict({f"{stage}/fpr95": fpr_at_tpr(scores, labels, part=part),
+                       f"{stage}/asr": attack_success_rate(scores, labels, threshold, part=part),
+                       f"{stage}/pr": passing_rate(scores, labels, threshold, part=part)})
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
+        self._log_operating_point("val")
         if hasattr(self.detector, "active_heads") and getattr(self.detector, "head_dim", None):
             self.log("val/active_heads", float(self.detector.active_heads()))
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_operating_point("test")
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return torch.sigmoid(self(batch[0]))
