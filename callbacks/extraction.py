@@ -59,5 +59,6 @@ class ActivationExtraction(L.Callback):
             raise TypeError("ActivationExtraction fills the cache of an ActivationDataModule; pass one as `data`")
         if self.status is not None and datamodule.cache is not None:
             return  # checked for an earlier stage of this run (fit, then validate and test)
-        self.fill(datamodule.cache_dir, trainer.global_rank, trainer.world_size, trainer.strategy.barrier)
-        datamodule.load()
+        status = self.fill(datamodule.cache_dir, trainer.global_rank, trainer.world_size, trainer.strategy.barrier)
+        if status != "reused" or datamodule.cache is None:  # what DataModule.setup read may be stale or absent
+            datamodule.load()
