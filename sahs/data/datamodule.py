@@ -15,7 +15,11 @@ from sahs.eval.probes import HeadRanking, rank_heads
 
 
 class ActivationDataModule(L.LightningDataModule):
-    """Features are the concatenated activations of the selected heads: ``[prompts, heads * head_dim]``."""
+    """Features are the concatenated activations of the selected heads: ``[prompts, heads * head_dim]``.
+
+    Validation and test batches also carry each prompt's attack family, as an index into
+    ``families``, so that the detector module can report figures per family without knowing the cache.
+    """
 
     def __init__(
         self,
@@ -51,6 +55,8 @@ class ActivationDataModule(L.LightningDataModule):
         self.splits: dict[str, torch.Tensor] = {}
         self.features: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
+        self.families: list[str] = []  # attack family names, sorted
+        self.family_index: torch.Tensor | None = None  # [prompts] index into ``families``
 
     def setup(self, stage: str | None = None) -> None:
         # The extraction callback may fill the cache after this hook; it calls ``load`` itself then.
@@ -61,6 +67,8 @@ class ActivationDataModule(L.LightningDataModule):
         """Read the selected heads from the cache and split the prompts."""
         cache = ActivationCache(self.cache_dir)
         self.labels = cache.labels
+        names, index = np.unique(np.asarray(cache.column("attack"), dtype=str), return_inverse=True)
+        self.families, self.family_index = [str(name) for name in names], torch.from_numpy(index.reshape(-1))
         self.splits = self._split(cache)
         self.selected_heads = self._select_heads(cache)
         self.features = cache.read(self.selected_heads).flatten(1)  # [prompts, heads * head_dim]
@@ -132,10 +140,14 @@ class ActivationDataModule(L.LightningDataModule):
         return self.features[index], self.labels[index]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        """Training batches are ``(x, y)``; evaluation batches ``(x, y, family index)``, the whole split at once."""
         x, y = self.split_tensors(split)
+        if shuffle:
+            dataset = TensorDataset(x, y.float())
+        else:
+            dataset = TensorDataset(x, y.float(), self.family_index[self.splits[split]])
         batch_size = self.hparams.batch_size if shuffle else max(len(y), 1)
-        return DataLoader(TensorDataset(x, y.float()), batch_size=batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -10,7 +10,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryAveragePrecision
 
-from sahs.eval.metrics import attack_success_rate, choose_threshold, fpr_at_tpr, passing_rate
+from sahs.eval.metrics import attack_success_rate, choose_threshold, family_report, fpr_at_tpr, passing_rate
 from sahs.models.detectors import Detector, LogisticDetector
 
 
@@ -20,7 +20,11 @@ def _metrics(prefix: str) -> MetricCollection:
 
 
 class DetectorModule(L.LightningModule):
-    """Binary malicious-prompt detector: BCE on one logit, optional standardization fitted on train."""
+    """Binary malicious-prompt detector: BCE on one logit, optional standardization fitted on train.
+
+    When evaluation batches carry each prompt's attack family (``(x, y, family index)``, names in
+    the DataModule's ``families``), validation and test also log AUROC, ASR and PR per family.
+    """
 
     def __init__(
         self,
@@ -48,6 +52,8 @@ class DetectorModule(L.LightningModule):
         self.register_buffer("threshold", torch.tensor(0.5))
         self._scores: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
+        self._families: list[torch.Tensor] = []
+        self.family_names: list[str] = []  # the DataModule's attack families, for per-family figures
         self.loss = nn.BCEWithLogitsLoss()
         self.val_metrics = _metrics("val/")
         self.test_metrics = _metrics("test/")
@@ -55,6 +61,7 @@ class DetectorModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         # Shapes come from the data: build once the DataModule knows the selected heads.
         datamodule = self.trainer.datamodule
+        self.family_names = list(getattr(datamodule, "families", []))
         if not self.detector.built:
             if getattr(self.detector, "head_dim", 0) is None:  # group lasso needs each head's width
                 self.detector.head_dim = datamodule.head_dim
@@ -86,8 +93,10 @@ class DetectorModule(L.LightningModule):
         if self.detector.proximal:  # L1 / group lasso: exact zeros, so dropped heads are really dropped
             self.detector.proximal_step(self.hparams.lr)
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
-        x, y = batch
+    def _evaluate(self, batch: tuple[torch.Tensor, ...], stage: str, metrics: MetricCollection) -> None:
+        x, y = batch[0], batch[1]
+        if len(batch) > 2:  # each prompt's attack family
+            self._families.append(batch[2].detach().cpu())
         logits = self(x)
         self.log(f"{stage}/loss", self.loss(logits, y), prog_bar=stage == "val")
         metrics.update(torch.sigmoid(logits), y.long())
@@ -98,7 +107,8 @@ class DetectorModule(L.LightningModule):
     def _log_operating_point(self, stage: str) -> None:
         """FPR at 95% TPR, and the paper's ASR and PR at the threshold chosen on validation."""
         scores, labels = torch.cat(self._scores), torch.cat(self._labels)
-        self._scores, self._labels = [], []
+        families = torch.cat(self._families) if len(self._families) == len(self._scores) else None
+        self._scores, self._labels, self._families = [], [], []
         if stage == "val":
             self.threshold.fill_(choose_threshold(scores, labels, part="the validation split"))
         part = f"the {stage} split"
@@ -106,6 +116,9 @@ class DetectorModule(L.LightningModule):
         self.log_dict({f"{stage}/fpr95": fpr_at_tpr(scores, labels, part=part),
                        f"{stage}/asr": attack_success_rate(scores, labels, threshold, part=part),
                        f"{stage}/pr": passing_rate(scores, labels, threshold, part=part)})
+        if families is not None and self.family_names:
+            by_family = family_report(scores, labels, families, self.family_names, threshold)
+            self.log_dict({f"{stage}/{name}": value for name, value in by_family.items()})
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_metrics)
@@ -121,7 +134,7 @@ class DetectorModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_operating_point("test")
 
-    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         return torch.sigmoid(self(batch[0]))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
