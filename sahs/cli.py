@@ -6,6 +6,7 @@ import importlib
 import sys
 from pathlib import Path
 from collections.abc import Callable
+from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -23,6 +24,11 @@ class SahsCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         from sahs.commands.run_config import verb_options
+
+        parser.add_argument(
+            "--benchmarks_root", type=Optional[str], default=None,
+            help="Folder holding the downloaded benchmarks; a config refers to it as ${benchmarks_root} (set it in "
+                 "the YAML: the interpolation is resolved when the file is read, before command-line overrides)")
 
         for verb, options in verb_options().items():
             parser.add_class_arguments(options, verb, help=f"options of `sahs {verb}`")

@@ -123,3 +123,26 @@ def test_extract_verb_writes_the_cache_that_fit_reuses(tmp_path, capsys):
 
     main(["fit", "--config", str(config), "--trainer.max_epochs=1"])
     assert "activation cache reused" in capsys.readouterr().out
+
+
+def test_benchmark_mix_config_prints_offline_with_one_root(capsys, monkeypatch):
+    config = str(ROOT / "configs" / "llava_benchmarks.yaml")
+    for root in (None, "/mnt/benchmarks"):
+        if root is None:
+            monkeypatch.delenv("SAHS_BENCHMARKS", raising=False)
+        else:
+            monkeypatch.setenv("SAHS_BENCHMARKS", root)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", config, "--print_config"])
+        assert exit_info.value.code in (0, None)
+        printed = yaml.safe_load(capsys.readouterr().out)
+        expected = root or "/data/benchmarks"
+        assert printed["benchmarks_root"] == expected
+        extraction = printed["trainer"]["callbacks"][0]["init_args"]
+        assert extraction["model"]["name"] == "llava-hf/llava-1.5-7b-hf"
+        sources = extraction["prompts"]["init_args"]["sources"]
+        names = [source["class_path"].rsplit(".", 1)[1] for source in sources]
+        assert names == ["MMSafetyBench", "FigStepSafeBench", "JailbreakV28K", "HADES", "MMVet", "XSTest", "VLGuard"]
+        folders = [source["init_args"].get("root") or source["init_args"]["path"] for source in sources]
+        assert all(folder.startswith(expected + "/") for folder in folders)
+        assert sources[5]["init_args"]["labels"] == ["safe"] and sources[6]["init_args"]["subsets"] == ["safe_safes"]
