@@ -15,10 +15,12 @@ from sahs.models.detectors import LogisticDetector
 MMSB_FAMILIES = ("sd", "sd_typo", "typo", "text")  # every question in four forms, all malicious
 
 
-def benchmark_mix(questions: int = 24, hades: int = 30, mmvet: int = 40, xstest: int = 24, seed: int = 0):
+def benchmark_mix(questions: int = 24, hades: int = 30, mmvet: int = 40, xstest: int = 24, seed: int = 0,
+                  family_shift: float = 0.3):
     """Columns shaped like MM-SafetyBench + HADES (malicious) with MM-Vet + XSTest-safe (benign).
 
-    Head (1, 2) carries the label; each family shifts every head by an offset of its own.
+    Head (1, 2) carries the label; each family shifts every head by an offset of its own (scaled by
+    ``family_shift``: with single-label families, large offsets make the source itself a label).
     """
     attacks = [family for q in range(questions) for family in MMSB_FAMILIES]
     groups = [f"mmsb-{q}" for q in range(questions) for _ in MMSB_FAMILIES]
@@ -29,7 +31,7 @@ def benchmark_mix(questions: int = 24, hades: int = 30, mmvet: int = 40, xstest:
     generator = torch.Generator().manual_seed(seed)
     features = torch.randn(len(labels), 3, 4, 8, generator=generator)
     families = sorted(set(attacks))
-    offsets = torch.randn(len(families), 3, 4, 8, generator=generator)
+    offsets = family_shift * torch.randn(len(families), 3, 4, 8, generator=generator)
     features += offsets[torch.tensor([families.index(a) for a in attacks])]
     features[:, 1, 2, 0] += 3.0 * labels
     return features, labels, np.asarray(attacks), np.asarray(groups)
@@ -126,3 +128,22 @@ def test_a_family_without_benign_prompts_needs_a_benign_source() -> None:
     keep = ~np.isin(attacks, ["vqa", "xstest"])
     with pytest.raises(ValueError, match=r"fold 'hades': the held-out family has no benign prompts, and no family"):
         loao_folds(labels[keep], attacks[keep], groups[keep])
+
+
+def test_transfer_on_a_single_label_mix_borrows_the_benign_pool_on_each_side(monkeypatch) -> None:
+    from sahs.experiments import transfer
+
+    features, labels, attacks, groups = benchmark_mix(questions=60, hades=60, mmvet=80, xstest=40)
+    fitted_on: list[set[str]] = []
+    real = transfer.fit_head_detector
+
+    def spy(rows, row_labels, settings, **kwargs):
+        fitted_on.append(set(kwargs["attacks"]))
+        return real(rows, row_labels, settings, **kwargs)
+
+    monkeypatch.setattr(transfer, "fit_head_detector", spy)
+    result = transfer.transfer_matrix(features, labels, attacks, LoaoSettings(top_k=1), groups=groups)
+    assert result.families == ["hades", "sd", "sd_typo", "text", "typo"]  # vqa and xstest: the benign pool
+    assert fitted_on == [{family, "vqa", "xstest"} for family in result.families]
+    assert result.auroc.min() >= 0.85  # the planted head is shared by every family
+    assert all({"asr", "pr"} <= set(cell) for row in result.metrics for cell in row)
