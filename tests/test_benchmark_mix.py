@@ -109,3 +109,30 @@ def test_sahs_loao_runs_on_the_readme_example_mix(mix: Path, capsys) -> None:
     assert saved["auroc_mean"] == pytest.approx(direct.auroc_mean, abs=1e-6)
     for fold, line in zip(direct.folds, [line for line in out.splitlines() if "n_benign_share=" in line]):
         assert line.split()[0] == fold.attack and f"asr={fold.metrics['asr']:.4f}" in line
+
+
+def test_head_ranking_hold_out_and_loao_validation_part_keep_requests_whole(mix: Path, monkeypatch) -> None:
+    import sahs.eval.probes as probes
+    import sahs.experiments.heads as heads
+    from sahs.data.splits import split_rows
+
+    seen: list[tuple[np.ndarray, list]] = []
+
+    def spy(labels, fractions, seed, **kwargs):
+        parts = split_rows(labels, fractions, seed, **kwargs)
+        seen.append((np.asarray(kwargs["groups"]), parts))
+        return parts
+
+    monkeypatch.setattr(probes, "split_rows", spy)
+    monkeypatch.setattr(heads, "split_rows", spy)
+    datamodule = ActivationDataModule(str(mix.parent / "cache"), top_k=2, val_fraction=0.2, test_fraction=0.2)
+    datamodule.load()  # ranks the heads on the training split, with a hold-out of whole requests
+    features = datamodule.read_layers(datamodule.candidate_layers())
+    leave_one_attack_out(features, datamodule.labels, datamodule.column("attack"), LoaoSettings(top_k=2),
+                         groups=datamodule.column("group"))
+    assert len(seen) == 1 + 2 * 4  # the DataModule's ranking; per fold a validation part and a ranking
+    for groups, parts in seen:
+        sides = [set(groups[part.numpy()]) for part in parts]
+        assert not sides[0] & sides[1] and any(g.startswith("mmsb-") for g in sides[1])
+        forms = {g: n for g, n in zip(*np.unique(groups, return_counts=True))}
+        assert max(forms.values()) > 1  # shared requests were there to be split apart
