@@ -82,40 +82,43 @@ def loao_folds(labels: torch.Tensor, attacks: np.ndarray, groups: np.ndarray | N
     """
     y = torch.as_tensor(labels).cpu().numpy()
     attacks = np.asarray(attacks, dtype=str)
-    group_ids = np.unique(np.arange(len(y)).astype(str) if groups is None else np.asarray(groups, dtype=str),
-                          return_inverse=True)[1].reshape(-1)
+    requests = np.arange(len(y)).astype(str) if groups is None else np.asarray(groups, dtype=str)
+    request_ids = np.unique(requests, return_inverse=True)[1].reshape(-1)
     families = [str(f) for f in np.unique(attacks)]
     folds = [f for f in families if (y[attacks == f] == 1).any()]
-    pooled = np.isin(attacks, [f for f in families if f not in folds])  # rows of benign-only families
+    pooled = ~np.isin(attacks, folds)  # rows of the benign-only families
     borrowers = [f for f in folds if not (y[attacks == f] == 0).any()]
-    order = np.argsort(group_ids, kind="stable")
-    bounds = np.flatnonzero(np.diff(group_ids[order])) + 1
-    request_rows = {int(group_ids[rows[0]]): rows for rows in np.split(order, bounds)} if len(y) else {}
-
-    tester = {g: str(attacks[rows][~pooled[rows]][0]) for g, rows in request_rows.items() if (~pooled[rows]).any()}
-    tester.update(_deal_shared_requests(request_rows, attacks, y, folds, seed))
-    pool_only = np.flatnonzero(pooled & ~np.isin(group_ids, list(tester)))
-    if borrowers and len(pool_only):
-        k = len(borrowers)
-        shares = split_rows(y[pool_only], [1 / k] * (k - 1), seed, attacks=attacks[pool_only],
-                            groups=group_ids[pool_only], part="the benign-only families' prompts")
-        for borrower, share in zip(borrowers, shares):
-            tester.update({int(g): borrower for g in group_ids[pool_only[share.numpy()]]})
-    row_tester = np.array([tester.get(int(g), "") for g in group_ids], dtype=object)
-
+    tester = _testing_fold(y, attacks, request_ids, folds, pooled, borrowers, seed)
     result = []
     for family in folds:
-        tested = row_tester == family
-        own = attacks == family
+        tested, own = tester == family, attacks == family
         lent = pooled & tested if family in borrowers else np.zeros_like(pooled)
-        test_rows = np.flatnonzero((own | lent) & tested)
-        train_mask = ~own & ~tested
-        removed = int((~own & tested & ~lent).sum())
-        _check_fold(family, y, test_rows, np.flatnonzero(train_mask), family in borrowers, int(lent.sum()),
-                    pooled.any())
-        result.append(Fold(family, torch.as_tensor(np.flatnonzero(train_mask)), torch.as_tensor(test_rows),
-                           removed, int(lent.sum())))
+        test_rows, train_rows = np.flatnonzero((own | lent) & tested), np.flatnonzero(~own & ~tested)
+        _check_fold(family, y, test_rows, train_rows, family in borrowers, int(lent.sum()), bool(pooled.any()))
+        result.append(Fold(family, torch.as_tensor(train_rows), torch.as_tensor(test_rows),
+                           removed=int((~own & tested & ~lent).sum()), benign_share=int(lent.sum())))
     return result
+
+
+def _testing_fold(labels: np.ndarray, attacks: np.ndarray, request_ids: np.ndarray, folds: list[str],
+                  pooled: np.ndarray, borrowers: list[str], seed: int) -> np.ndarray:
+    """The fold that tests each row's request (``""`` for none): the family rendering it, one of several
+    dealt by ``_deal_shared_requests``, or, for requests only in the benign pool, the borrowing fold whose
+    share (``split_rows``: whole requests, stratified by family) it fell in."""
+    grouped: dict[int, list[int]] = {}
+    for row, request in enumerate(request_ids.tolist()):
+        grouped.setdefault(request, []).append(row)
+    request_rows = {request: np.asarray(rows) for request, rows in grouped.items()}
+    tester = {g: str(attacks[rows][~pooled[rows]][0]) for g, rows in request_rows.items() if (~pooled[rows]).any()}
+    tester.update(_deal_shared_requests(request_rows, attacks, labels, folds, seed))
+    pool_only = np.flatnonzero(pooled & ~np.isin(request_ids, list(tester)))
+    if borrowers and len(pool_only):
+        k = len(borrowers)
+        shares = split_rows(labels[pool_only], [1 / k] * (k - 1), seed, attacks=attacks[pool_only],
+                            groups=request_ids[pool_only], part="the benign-only families' prompts")
+        for borrower, share in zip(borrowers, shares):
+            tester.update({int(g): borrower for g in request_ids[pool_only[share.numpy()]]})
+    return np.array([tester.get(int(g), "") for g in request_ids], dtype=object)
 
 
 def _check_fold(family: str, labels: np.ndarray, test_rows: np.ndarray, train_rows: np.ndarray, borrows: bool,

@@ -127,7 +127,7 @@ class PromptFile(PromptSource):
         for index, row in enumerate(table.select_columns(sorted(set(mapping.values())))):
             at = f"{where}, row {index + 1}"
             record = self._record(row, mapping, source, index, at, base)
-            problem = image_problem(record["image"])
+            problem = image_problem(record["image"]) if isinstance(record["image"], dict) else None
             if problem is not None:
                 bad.append(f"{at}, column {image_column!r}: {problem}")
                 continue
@@ -186,8 +186,9 @@ class PromptFile(PromptSource):
 
     def _image(self, value: Any, base: Path | None, at: str, column: str) -> dict[str, Any] | Image.Image | None:
         """An image entry: a path (relative ones resolved against ``base``), a {bytes, path} struct or a PIL image."""
-        if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, float) and value != value):
-            return None  # no image (an empty CSV cell reads as None or NaN)
+        empty_cell = isinstance(value, float) and value != value  # an empty CSV cell may read as NaN
+        if value is None or empty_cell or (isinstance(value, str) and not value.strip()):
+            return None
         if isinstance(value, Image.Image):
             return value
         if isinstance(value, dict) and (value.get("bytes") or value.get("path")):

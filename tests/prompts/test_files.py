@@ -86,7 +86,8 @@ def test_a_file_of_one_class_and_default_labels(tmp_path: Path) -> None:
     path.write_text(json.dumps({"text": "Plan a picnic."}) + "\n" + json.dumps({"text": "Fix a bike."}) + "\n")
     ds = PromptFile(str(path), Columns(label=None), label=0).load()
     assert ds["label"] == [0, 0] and ds["image"] == [None, None]
-    path.write_text(json.dumps({"text": "x", "label": "malicious"}) + "\n" + json.dumps({"text": "y", "label": 0}) + "\n")
+    rows = [{"text": "x", "label": "malicious"}, {"text": "y", "label": 0}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert PromptFile(str(path)).load()["label"] == [1, 0]
     with pytest.raises(ValueError, match="columns.label"):
         PromptFile(str(path), Columns(label=None))
