@@ -56,7 +56,7 @@ def test_demo_fits_end_to_end_and_reports_the_auroc_it_logged(tmp_path, capsys):
 
     metrics_csv = next((tmp_path / "run").rglob("metrics.csv"))
     columns = next(csv.reader(metrics_csv.open()))
-    assert {"train/loss", "val/auroc", "val/auprc", "val/acc", "test/auroc"} <= set(columns)
+    assert {"train/loss", "val/auroc", "val/auprc", "val/acc@0.5", "val/acc@thr", "test/auroc"} <= set(columns)
 
     main(["fit", "--config", str(config)])  # same config: the cache is reused, no model forward
     assert "activation cache reused" in capsys.readouterr().out
