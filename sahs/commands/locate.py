@@ -42,5 +42,5 @@ def main(argv: list[str]) -> None:
     print(f"[sahs] top {len(top)} heads by held-out probe AUROC (layer, head):")
     for layer, head in top:
         auroc, accuracy = ranking.score(layer, head)
-        print(f"  L{layer:02d}.H{head:02d}  auroc={auroc:.4f}  acc={accuracy:.4f}")
+        print(f"  L{layer:02d}.H{head:02d}  auroc={auroc:.4f}  acc@0.5={accuracy:.4f}")
     print(f"[sahs] ranking written to {output} (heatmap {heatmap.name})")

@@ -41,12 +41,12 @@ def test_the_same_requests_in_the_same_order_whatever_the_hash_seed() -> None:
     code = ("import json, dataclasses; from sahs.prompts.benign import benign_requests; "
             "print(json.dumps([dataclasses.astuple(seed) for seed in benign_requests()]))")
     runs = []
-    for salt in ("1", "2", "3"):
+    for salt in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": salt}
         child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
         runs.append(json.loads(child.stdout))
     here = [list(dataclasses.astuple(seed)) for seed in benign_requests()]
-    assert runs[0] == runs[1] == runs[2] == here
+    assert runs[0] == runs[1] == here
 
 
 def test_no_benign_text_is_also_a_harmful_seed(seed_cache: str) -> None:
