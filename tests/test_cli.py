@@ -13,6 +13,7 @@ import pytest
 import torch
 import wandb
 import yaml
+from omegaconf import OmegaConf
 from sklearn.metrics import roc_auc_score
 
 from sahs.cli import SahsCLI, main
@@ -135,6 +136,9 @@ def assert_configured(held: object, spec: dict, where: str) -> None:
             assert_configured(got, value.get("init_args", {}), f"{where}.{key}")
         elif isinstance(value, dict):
             assert_configured(got, value, f"{where}.{key}")
+        elif isinstance(value, list) and any(isinstance(item, dict) and "class_path" in item for item in value):
+            assert len(got) == len(value), f"{where}.{key}"  # e.g. a Mixture's sources
+            assert_configured(dict(enumerate(got)), dict(enumerate(value)), f"{where}.{key}")
         else:
             assert got == value, f"{where}.{key}: {got!r} != {value!r}"
 
@@ -143,7 +147,7 @@ def assert_configured(held: object, spec: dict, where: str) -> None:
 def test_every_config_parses_and_instantiates_what_it_says(config):
     cli = SahsCLI(DetectorModule, ActivationDataModule, parser_kwargs={"parser_mode": "omegaconf"}, run=False,
                   args=["--config", str(config), "--trainer.logger=false"])
-    raw = yaml.safe_load(config.read_text())
+    raw = OmegaConf.to_container(OmegaConf.load(config), resolve=True)  # ${benchmarks_root}/... resolved
     # The detector (top_k, layers, heads, lr, ... and its own arguments) and the data selection.
     assert_configured({"detector": cli.model.detector, **cli.model.hparams}, raw["model"], "model")
     assert_configured(cli.datamodule.hparams, raw["data"], "data")

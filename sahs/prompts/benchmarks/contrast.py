@@ -93,6 +93,7 @@ class XSTest(BenchmarkSource):
             labels: Which prompts to keep: ["safe"] is XSTest-safe, the benign prompts only.
         """
         super().__init__(path, "error")
+        self.path = path
         self.attack = attack
         self.labels = list(labels)
 
