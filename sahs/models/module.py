@@ -127,10 +127,11 @@ class DetectorModule(L.LightningModule):
         if len(batch) > 2:  # each prompt's attack family, as an index into ``family_names``
             self._families.append(batch[2].detach().long())
 
-    def _whole_split(self, local: torch.Tensor, loader: DataLoader) -> torch.Tensor:
+    def _whole_split(self, local: torch.Tensor) -> torch.Tensor:
         """Every row of the split, once and in order, from this rank's share ``local`` [n_local]."""
         if self.trainer.world_size == 1:
             return local
+        loader = self.trainer.test_dataloaders if self.trainer.testing else self.trainer.val_dataloaders
         sampler = loader.sampler
         if isinstance(sampler, DistributedSampler) and not sampler.shuffle and not sampler.drop_last:
             # Lightning's evaluation sampler deals row i to rank i % world_size, padding the last round
@@ -142,13 +143,13 @@ class DetectorModule(L.LightningModule):
         raise ValueError(f"cannot gather the evaluation rows from a {type(sampler).__name__}: keep Lightning's "
                          "default sampler (trainer.use_distributed_sampler: true) or evaluate on one device")
 
-    def _log_split(self, stage: str, loader: DataLoader) -> None:
+    def _log_split(self, stage: str) -> None:
         """Metrics of the whole split, the same on every rank; on validation, choose the threshold (95% TPR)."""
-        logits = self._whole_split(torch.cat(self._logits), loader).float().cpu()
-        labels = self._whole_split(torch.cat(self._labels), loader).cpu()
+        logits = self._whole_split(torch.cat(self._logits)).float().cpu()
+        labels = self._whole_split(torch.cat(self._labels)).cpu()
         families = None
         if self.family_names and len(self._families) == len(self._logits):
-            families = self._whole_split(torch.cat(self._families), loader).cpu()
+            families = self._whole_split(torch.cat(self._families)).cpu()
         self._logits, self._labels, self._families = [], [], []
         scores, part = torch.sigmoid(logits), f"the {stage} split"
         if stage == "val":
@@ -167,7 +168,7 @@ class DetectorModule(L.LightningModule):
         self._evaluate(batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_split("val", self.trainer.val_dataloaders)
+        self._log_split("val")
         if hasattr(self.detector, "active_heads") and getattr(self.detector, "head_dim", None):
             self.log("val/active_heads", float(self.detector.active_heads()), sync_dist=True, reduce_fx="max")
 
@@ -175,7 +176,7 @@ class DetectorModule(L.LightningModule):
         self._evaluate(batch)
 
     def on_test_epoch_end(self) -> None:
-        self._log_split("test", self.trainer.test_dataloaders)
+        self._log_split("test")
 
     def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         return torch.sigmoid(self(batch[0]))
