@@ -7,14 +7,32 @@ import sys
 from pathlib import Path
 from collections.abc import Callable
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sahs.data.datamodule import ActivationDataModule
+from sahs.models.artifact import DetectorArtifact
 from sahs.models.module import DetectorModule
 
 
 class SahsCLI(LightningCLI):
-    """After ``fit``, the best checkpoint is validated and tested, and the AUROC figures printed."""
+    """After ``fit``, the best checkpoint is validated and tested, and the AUROC figures printed.
+
+    ``predict`` writes one row per prompt through ``sahs.callbacks.PredictionWriter`` (options under
+    ``predictions:``). With ``--ckpt_path`` the DataModule reads the checkpoint's heads from the start.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        from sahs.callbacks import PredictionWriter
+
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+    def _adopt_checkpoint_heads(self) -> None:
+        # Before the Trainer runs, so that the configured selection (e.g. a top_k ranking) is never computed.
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path not in (None, "best", "last", "hpc", "registry"):
+            self.datamodule.adopt(DetectorArtifact.read_checkpoint(ckpt_path).features)
+
+    before_validate = before_test = before_predict = _adopt_checkpoint_heads
 
     def after_fit(self) -> None:
         if self.trainer.fast_dev_run or self.trainer.interrupted:
@@ -70,7 +88,9 @@ def _verb(module: str) -> Callable[[list[str]], None]:
 # Verbs that are not Trainer methods: each takes the rest of the command line.
 EXTRA_COMMANDS: dict[str, Callable[[list[str]], object]] = {
     "data": _data_main,
+    "export": _verb("export"),
     "extract": _verb("extract"),
+    "guard": _verb("guard"),
     "locate": _verb("locate"),
     "loao": _verb("loao"),
 }
