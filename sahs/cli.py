@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from sahs.commands import VERBS
 from sahs.data.datamodule import ActivationDataModule
 from sahs.models.artifact import DetectorArtifact
 from sahs.models.module import DetectorModule
@@ -17,13 +18,18 @@ from sahs.models.module import DetectorModule
 class SahsCLI(LightningCLI):
     """After ``fit``, the best checkpoint is validated and tested, and the AUROC figures printed.
 
-    ``predict`` writes one row per prompt through ``sahs.callbacks.PredictionWriter`` (options under
-    ``predictions:``). With ``--ckpt_path`` the DataModule reads the checkpoint's heads from the start.
+    Every verb's own options (``sahs.commands.<verb>.Options``) are a section of the run config, so
+    one YAML can carry ``loao: {top_k: 8}`` and still run ``sahs fit``. ``predict`` writes one row per
+    prompt through ``sahs.callbacks.PredictionWriter`` (options under ``predictions:``). With
+    ``--ckpt_path`` the DataModule reads the checkpoint's heads from the start.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         from sahs.callbacks import PredictionWriter
+        from sahs.commands.run_config import verb_options
 
+        for verb, options in verb_options().items():
+            parser.add_class_arguments(options, verb, help=f"options of `sahs {verb}`")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
 
     def _adopt_checkpoint_heads(self) -> None:
@@ -72,33 +78,40 @@ def lightning_main(args: list[str] | None = None) -> SahsCLI:
     )
 
 
-def _data_main(args: list[str]) -> None:
-    if not args or args[0] != "build":
-        raise SystemExit("usage: sahs data build --config configs/data/offline.yaml")
-    from sahs.prompts.build import main as build_main
-
-    build_main(args[1:])
-
-
 def _verb(module: str) -> Callable[[list[str]], None]:
     """A verb whose code is imported only when it runs."""
     return lambda args: importlib.import_module(f"sahs.commands.{module}").main(args)
 
 
+LIGHTNING_VERBS = {
+    "fit": "extract (or reuse) the cache, train the detector, then validate and test the best checkpoint",
+    "validate": "validate a trained detector (--ckpt_path) on the validation split",
+    "test": "test a trained detector (--ckpt_path) on the test split",
+    "predict": "score every prompt (or one split) with a trained detector (--ckpt_path); write predictions.csv",
+}
+
 # Verbs that are not Trainer methods: each takes the rest of the command line.
 EXTRA_COMMANDS: dict[str, Callable[[list[str]], object]] = {
-    "data": _data_main,
-    "export": _verb("export"),
-    "extract": _verb("extract"),
-    "guard": _verb("guard"),
-    "locate": _verb("locate"),
-    "loao": _verb("loao"),
+    verb: _verb(verb) for verb in VERBS
 }
+
+
+def usage() -> str:
+    """``sahs --help``: every verb with its one-line description."""
+    width = max(map(len, [*LIGHTNING_VERBS, *VERBS])) + 2
+    lines = ["usage: sahs VERB [--config CONFIG] [overrides ...]", "",
+             "Find the safety attention heads of a vision-language model and train detectors on them.", "",
+             "verbs:"]
+    lines += [f"  {verb:<{width}}{text}" for verb, text in {**LIGHTNING_VERBS, **VERBS}.items()]
+    lines += ["", "`sahs VERB --help` documents a verb's options; every verb reads the same run config."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in EXTRA_COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+    elif argv[0] in EXTRA_COMMANDS:
         EXTRA_COMMANDS[argv[0]](argv[1:])
     else:
         lightning_main(argv)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import wandb
 import yaml
 from sklearn.metrics import roc_auc_score
 
@@ -178,9 +179,12 @@ def test_predict_logs_the_rows_as_a_wandb_table(fitted, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     config, checkpoint, _ = fitted
-    main(["predict", "--config", str(config), "--ckpt_path", str(checkpoint), "--data.predict_split=val",
-          "--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.offline=true",
-          f"--trainer.logger.save_dir={tmp_path}", "--trainer.logger.project=sahs-test"])
+    try:
+        main(["predict", "--config", str(config), "--ckpt_path", str(checkpoint), "--data.predict_split=val",
+              "--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.offline=true",
+              f"--trainer.logger.save_dir={tmp_path}", "--trainer.logger.project=sahs-test"])
+    finally:
+        wandb.finish()  # a run left open would be picked up by the next WandbLogger in this process
     written = pd.read_csv(tmp_path / "predictions.csv")
     (table_file,) = tmp_path.rglob("predictions_*.table.json")
     table = json.loads(table_file.read_text())

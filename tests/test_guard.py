@@ -95,7 +95,8 @@ def test_flagged_prompts_are_refused_and_the_others_get_plain_greedy_tokens(expo
     _, checkpoint, cache_dir, dataset = exported
     indices = [3, 4, 9, 10, 17, 26]
     scores = scores_from_cache(checkpoint, cache_dir, [dataset[i]["id"] for i in indices])
-    threshold = float(scores.median())
+    middle = scores.sort().values[len(indices) // 2 - 1:len(indices) // 2 + 1]
+    threshold = float(middle.mean())  # halfway between two scores: no prompt sits on the threshold
     guard = guard_for(exported, model_and_processor, threshold=threshold, refusal="No.", batch_size=len(indices))
     prompts = as_prompts(dataset, indices)
     results = guard.generate(prompts, max_new_tokens=6)

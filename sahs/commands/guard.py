@@ -15,9 +15,6 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
-from sahs.guard.guard import DEFAULT_REFUSAL, SafetyGuard
-from sahs.guard.jsonl import guard_jsonl
-
 
 def _parser() -> ArgumentParser:
     parser = ArgumentParser(prog="sahs guard", description=__doc__.splitlines()[0])
@@ -27,17 +24,23 @@ def _parser() -> ArgumentParser:
     parser.add_argument("--input", default="-", help="JSONL prompts; - reads stdin")
     parser.add_argument("--output", default="-", help="JSONL results; - writes stdout")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="answer length for unflagged prompts")
-    parser.add_argument("--refusal", default=DEFAULT_REFUSAL, help="the answer to a flagged prompt")
+    parser.add_argument("--refusal", default=None, help="the answer to a flagged prompt (default: a short refusal)")
     parser.add_argument("--threshold", type=float, default=None, help="flag at this score (default: the detector's)")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call")
     return parser
 
 
 def main(argv: list[str]) -> None:
+    # The guard needs the live model (transformers): imported only when the verb runs.
+    from sahs.guard.guard import SafetyGuard
+    from sahs.guard.jsonl import guard_jsonl
+
     options = _parser().parse_args(argv)
-    guard = SafetyGuard.load(options.detector, options.model, device=options.device, refusal=options.refusal,
-                             threshold=options.threshold, max_new_tokens=options.max_new_tokens,
-                             batch_size=options.batch_size)
+    if options.input != "-" and not Path(options.input).is_file():
+        raise SystemExit(f"sahs guard: no prompt file {options.input}: pass a JSONL file, or - for stdin")
+    refusal = {} if options.refusal is None else {"refusal": options.refusal}
+    guard = SafetyGuard.load(options.detector, options.model, device=options.device, threshold=options.threshold,
+                             max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, **refusal)
     with ExitStack() as files:
         reading_stdin = options.input == "-"
         lines = sys.stdin if reading_stdin else files.enter_context(open(options.input, encoding="utf-8"))

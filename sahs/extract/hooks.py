@@ -34,7 +34,8 @@ class HeadCapture:
     ``run(forward, positions)`` calls ``forward()`` and returns ``[batch, layers, heads, head_dim]``
     for the layers in ``self.layers`` (all by default). With ``early_exit`` the forward stops right
     after the last chosen layer's heads are read. Inside a longer computation (generation), ``arm``
-    before the forward to read and ``collect`` after it: unarmed hooks let every other forward pass.
+    before the forward to read and ``collect`` after it; unarmed hooks let every other forward pass,
+    and ``remove`` takes them out early.
     """
 
     def __init__(self, adapter: ModelAdapter, layers: Sequence[int] | None = None, early_exit: bool = False):
@@ -70,14 +71,15 @@ class HeadCapture:
                 module = self.adapter.out_projs[layer]
                 self._handles.append(module.register_forward_pre_hook(self._hook(layer)))
         except BaseException:
-            self._remove()
+            self.remove()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._remove()
+        self.remove()
 
-    def _remove(self) -> None:
+    def remove(self) -> None:
+        """Remove the hooks now (``__exit__`` does it too); later forwards run as if none were there."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

@@ -59,7 +59,9 @@ class _FirstTokenDecision(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         if self.flagged is None:
-            self.scores = self.guard.score_activations(self.capture.collect())  # disarms: decoding runs unhooked
+            activations = self.capture.collect()
+            self.capture.remove()  # decoding runs without hooks
+            self.scores = self.guard.score_activations(activations)
             self.flagged = self.scores >= self.guard.threshold
         return self.flagged.to(input_ids.device)
 
