@@ -8,6 +8,7 @@ plain greedy `generate`'s tokens; flagged ones the refusal.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -144,6 +145,10 @@ def test_a_detector_for_another_model_refuses_to_start(exported, model_and_proce
         SafetyGuard.load(exported[0], ModelConfig(seed=1))
     with pytest.raises(DetectorMismatchError, match="differs: model.dtype"):
         SafetyGuard(model, processor, artifact, model_identity(ModelConfig(dtype="bfloat16")))
+    elsewhere = dataclasses.replace(artifact.features, fingerprint={
+        **artifact.features.fingerprint, "extraction": {**artifact.features.fingerprint["extraction"], "hook": "mlp_out"}})
+    with pytest.raises(DetectorMismatchError, match="mlp_out"):
+        SafetyGuard(model, processor, dataclasses.replace(artifact, features=elsewhere), model_identity(ModelConfig()))
     smaller, smaller_processor = build_tiny_llava(seed=0, text_layers=2)
     with pytest.raises(DetectorMismatchError, match="num_layers"):  # same claimed identity, other shape
         SafetyGuard(smaller, smaller_processor, artifact, model_identity(ModelConfig()))

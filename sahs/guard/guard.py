@@ -66,9 +66,18 @@ class _FirstTokenDecision(StoppingCriteria):
         return self.flagged.to(input_ids.device)
 
 
+# What the guard's hooks read; a detector trained on other activations cannot be served by them.
+READS = {"hook": "o_proj_input", "position": "last_prompt_token"}
+
+
 def check_model(detector: DetectorArtifact, identity: dict[str, Any]) -> None:
-    """Refuse a model whose identity (name, revision, config hash, dtype, ...) is not the detector's."""
+    """Refuse a model whose identity (name, revision, config hash, dtype, ...) is not the detector's, and a
+    detector trained on activations other than the ones the guard reads."""
     selection = detector.features
+    extraction = selection.fingerprint.get("extraction") or {}
+    other = {key: extraction[key] for key in READS if key in extraction and extraction[key] != READS[key]}
+    if other:
+        raise DetectorMismatchError(f"this detector was trained on activations {other}; the guard reads {READS}")
     changed = fingerprint_diff(selection.model, dict(identity))
     if changed:
         raise DetectorMismatchError(
