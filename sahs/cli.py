@@ -6,6 +6,7 @@ import importlib
 import sys
 from pathlib import Path
 from collections.abc import Callable
+from typing import Optional
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -27,6 +28,11 @@ class SahsCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         from sahs.callbacks import PredictionWriter
         from sahs.commands.run_config import verb_options
+
+        parser.add_argument(
+            "--benchmarks_root", type=Optional[str], default=None,
+            help="Folder holding the downloaded benchmarks; a config refers to it as ${benchmarks_root} (set it in "
+                 "the YAML: the interpolation is resolved when the file is read, before command-line overrides)")
 
         for verb, options in verb_options().items():
             parser.add_class_arguments(options, verb, help=f"options of `sahs {verb}`")
@@ -51,8 +57,9 @@ class SahsCLI(LightningCLI):
             for result in run(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False):
                 metrics.update(result)
         if self.trainer.is_global_zero:
-            shown = "  ".join(f"{name}={metrics[name]:.4f}" for name in sorted(metrics) if not name.endswith("loss"))
-            print(f"[sahs] {shown}")
+            overall = sorted(name for name in metrics if name.count("/") == 1 and not name.endswith("loss"))
+            print("[sahs] " + "  ".join(f"{name}={metrics[name]:.4f}" for name in overall))
+            print_by_family(metrics)
 
 
     def _save_ranking(self) -> None:
@@ -66,6 +73,24 @@ class SahsCLI(LightningCLI):
         for logger in self.trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="heads/ranking", images=[str(heatmap)])
+
+
+def print_by_family(metrics: dict[str, float]) -> None:
+    """The ``<stage>/<metric>/<family>`` figures as one table per stage (blank where a family lacks a class)."""
+    for stage in ("val", "test"):
+        rows: dict[str, dict[str, float]] = {}
+        for name, value in metrics.items():
+            parts = name.split("/", 2)
+            if len(parts) == 3 and parts[0] == stage and parts[1] in ("auroc", "asr", "pr"):
+                rows.setdefault(parts[2], {})[parts[1]] = float(value)
+        if not rows:
+            continue
+        width = max(map(len, rows)) + 2
+        print(f"[sahs] {stage} by attack family (ASR and PR at the validation threshold):")
+        for family in sorted(rows):
+            cells = "  ".join(f"{m}={rows[family][m]:.4f}" if m in rows[family] else f"{m}={'-':>6}"
+                              for m in ("auroc", "asr", "pr"))
+            print(f"  {family:<{width}}{cells}")
 
 
 def lightning_main(args: list[str] | None = None) -> SahsCLI:

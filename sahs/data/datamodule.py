@@ -20,7 +20,10 @@ from sahs.eval.probes import HeadRanking, rank_heads
 class ActivationDataModule(L.LightningDataModule):
     """Features are the concatenated activations of the selected heads: ``[prompts, heads * head_dim]``.
 
-    ``selection`` describes them (heads in order, cache fingerprint, split); ``adopt`` takes a trained
+    Validation and test batches also carry each prompt's attack family, as an index into
+    ``families``, so that the detector module can report figures per family without knowing the cache.
+
+    ``selection`` describes the features (heads in order, cache fingerprint, split); ``adopt`` takes a trained
     detector's selection back, so that validate/test/predict with a checkpoint read the heads it was trained on.
     """
 
@@ -61,6 +64,8 @@ class ActivationDataModule(L.LightningDataModule):
         self.features: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
         self.adopted: FeatureSelection | None = None  # a trained detector's heads, which override the config's
+        self.families: list[str] = []  # attack family names, sorted
+        self.family_index: torch.Tensor | None = None  # [prompts] index into ``families``
 
     def setup(self, stage: str | None = None) -> None:
         # The extraction callback may fill the cache after this hook; it calls ``load`` itself then.
@@ -71,6 +76,8 @@ class ActivationDataModule(L.LightningDataModule):
         """Read the selected heads from the cache and split the prompts."""
         cache = ActivationCache(self.cache_dir)
         self.labels = cache.labels
+        names, index = np.unique(np.asarray(cache.column("attack"), dtype=str), return_inverse=True)
+        self.families, self.family_index = [str(name) for name in names], torch.from_numpy(index.reshape(-1))
         self.splits = self._split(cache)
         if self.adopted is not None:
             self._check_cache(cache, self.adopted)
@@ -207,10 +214,14 @@ class ActivationDataModule(L.LightningDataModule):
         return self.features[index], self.labels[index]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        """Training batches are ``(x, y)``; evaluation batches ``(x, y, family index)``, the whole split at once."""
         x, y = self.split_tensors(split)
+        if shuffle:
+            dataset = TensorDataset(x, y.float())
+        else:
+            dataset = TensorDataset(x, y.float(), self.family_index[self.splits[split]])
         batch_size = self.hparams.batch_size if shuffle else max(len(y), 1)
-        return DataLoader(TensorDataset(x, y.float()), batch_size=batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers)
 
     def predict_rows(self) -> torch.Tensor:
         """Cache rows that ``predict`` scores, ascending: all, or those of ``predict_split``."""

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from sahs.data.selection import FeatureSelection
-from sahs.eval.metrics import accuracy, choose_threshold, detection_report
+from sahs.eval.metrics import accuracy, choose_threshold, detection_report, family_report
 from sahs.models.artifact import CHECKPOINT_KEY, DetectorArtifact, build_detector, detector_spec
 from sahs.models.detectors import Detector, LogisticDetector
 
@@ -44,6 +44,9 @@ def step_size(optimizer: torch.optim.Optimizer, detector: Detector) -> float:
 
 class DetectorModule(L.LightningModule):
     """Binary malicious-prompt detector: BCE on one logit, optional standardization fitted on train.
+
+    When evaluation batches carry each prompt's attack family (``(x, y, family index)``, names in
+    the DataModule's ``families``), validation and test also log AUROC, ASR and PR per family.
 
     Its checkpoints are self-contained (``sahs.models.artifact``): besides the weights, scaler and threshold
     they keep the heads in feature order, the cache fingerprint, the split and the detector's spec, so
@@ -86,6 +89,8 @@ class DetectorModule(L.LightningModule):
         self.feature_selection: FeatureSelection | None = None
         self._logits: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
+        self._families: list[torch.Tensor] = []
+        self.family_names: list[str] = []  # the DataModule's attack families, for per-family figures
         self.loss = nn.BCEWithLogitsLoss()
 
     def setup(self, stage: str) -> None:
@@ -93,6 +98,7 @@ class DetectorModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         if self.feature_selection is not None:  # restored from a checkpoint: score the heads it was trained on
             datamodule.adopt(self.feature_selection)
+        self.family_names = list(getattr(datamodule, "families", []))
         if not self.detector.built:
             if getattr(self.detector, "head_dim", 0) is None:  # group lasso needs each head's width
                 self.detector.head_dim = datamodule.head_dim
@@ -156,10 +162,12 @@ class DetectorModule(L.LightningModule):
         if self.detector.proximal:
             self.detector.proximal_step(step_size(optimizer, self.detector))
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
-        x, y = batch
+    def _evaluate(self, batch: tuple[torch.Tensor, ...]) -> None:
+        x, y = batch[0], batch[1]
         self._logits.append(self(x).detach())
         self._labels.append(y.detach().long())
+        if len(batch) > 2:  # each prompt's attack family, as an index into ``family_names``
+            self._families.append(batch[2].detach().long())
 
     def _whole_split(self, local: torch.Tensor, loader: DataLoader) -> torch.Tensor:
         """Every row of the split, once and in order, from this rank's share ``local`` [n_local]."""
@@ -180,7 +188,10 @@ class DetectorModule(L.LightningModule):
         """Metrics of the whole split, the same on every rank; on validation, choose the threshold (95% TPR)."""
         logits = self._whole_split(torch.cat(self._logits), loader).float().cpu()
         labels = self._whole_split(torch.cat(self._labels), loader).cpu()
-        self._logits, self._labels = [], []
+        families = None
+        if self.family_names and len(self._families) == len(self._logits):
+            families = self._whole_split(torch.cat(self._families), loader).cpu()
+        self._logits, self._labels, self._families = [], [], []
         scores, part = torch.sigmoid(logits), f"the {stage} split"
         if stage == "val":
             self.threshold.fill_(choose_threshold(scores, labels, rule=self.hparams.threshold_rule,
@@ -188,6 +199,8 @@ class DetectorModule(L.LightningModule):
         metrics = {"loss": float(F.binary_cross_entropy_with_logits(logits, labels.float())),
                    "acc@0.5": accuracy(scores, labels, 0.5, part),
                    **detection_report(scores, labels, float(self.threshold), part)}
+        if families is not None:  # auroc/<family>, asr/<family>, pr/<family>
+            metrics.update(family_report(scores, labels, families, self.family_names, float(self.threshold)))
         # Every rank holds the same numbers: "max" keeps them exact while syncing.
         for name, value in metrics.items():
             self.log(f"{stage}/{name}", value, prog_bar=stage == "val" and name in ("loss", "auroc"),
@@ -207,7 +220,7 @@ class DetectorModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_split("test", self.trainer.test_dataloaders)
 
-    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         return torch.sigmoid(self(batch[0]))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
