@@ -7,14 +7,16 @@ import os
 import sys
 from pathlib import Path
 from collections.abc import Callable
+from typing import Optional
 
 import yaml
 from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from sahs.commands import VERBS
 from sahs.commands import runs
 from sahs.data.datamodule import ActivationDataModule
+from sahs.models.artifact import DetectorArtifact
 from sahs.models.module import DetectorModule
 
 
@@ -35,7 +37,9 @@ class SahsCLI(LightningCLI):
     Every verb's own options (``sahs.commands.<verb>.Options``) are a section of the run config, so
     one YAML can carry ``loao: {top_k: 8}`` and still run ``sahs fit``; so is ``run:`` (name, group,
     tags). A Lightning verb run, or a ``verb`` given here, gets its own folder ``<root>/<verb>/<name>``
-    (``run_dir``) holding its config, checkpoints, logs and results.
+    (``run_dir``) holding its config, checkpoints, logs and results. ``predict`` writes one row per
+    prompt through ``sahs.callbacks.PredictionWriter`` (options under ``predictions:``). With
+    ``--ckpt_path`` the DataModule reads the checkpoint's heads from the start.
     """
 
     def __init__(self, *args, verb: str | None = None, **kwargs) -> None:
@@ -44,12 +48,26 @@ class SahsCLI(LightningCLI):
         self.argv: list[str] = []
         super().__init__(*args, **kwargs)
 
-    def add_arguments_to_parser(self, parser) -> None:
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        from sahs.callbacks import PredictionWriter
         from sahs.commands.run_config import verb_options
 
+        parser.add_argument(
+            "--benchmarks_root", type=Optional[str], default=None,
+            help="Folder holding the downloaded benchmarks; a config refers to it as ${benchmarks_root} "
+                 "(resolved after the command line, so --benchmarks_root DIR works too)")
         parser.add_class_arguments(runs.RunIdentity, "run", help="name, W&B group and tags of the run")
         for verb, options in verb_options().items():
             parser.add_class_arguments(options, verb, help=f"options of `sahs {verb}`")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+    def _adopt_checkpoint_heads(self) -> None:
+        # Before the Trainer runs, so that the configured selection (e.g. a top_k ranking) is never computed.
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path not in (None, "best", "last", "hpc", "registry"):
+            self.datamodule.adopt(DetectorArtifact.read_checkpoint(ckpt_path).features)
+
+    before_validate = before_test = before_predict = _adopt_checkpoint_heads
 
     def parse_arguments(self, parser, args) -> None:
         self.argv = list(sys.argv[1:] if args is None else args)
@@ -87,8 +105,9 @@ class SahsCLI(LightningCLI):
             for result in run(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False):
                 metrics.update(result)
         if self.trainer.is_global_zero:
-            shown = "  ".join(f"{name}={metrics[name]:.4f}" for name in sorted(metrics) if not name.endswith("loss"))
-            print(f"[sahs] {shown}")
+            overall = sorted(name for name in metrics if name.count("/") == 1 and not name.endswith("loss"))
+            print("[sahs] " + "  ".join(f"{name}={metrics[name]:.4f}" for name in overall))
+            print_by_family(metrics)
             run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             runs.log_files(self.trainer.loggers, run_dir,
                            [run_dir / runs.CONFIG_FILE, *sorted(run_dir.glob("head_ranking.*"))], "fit")
@@ -116,10 +135,28 @@ class SahsCLI(LightningCLI):
             return
         run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         ranking.save(run_dir)
-        heatmap = ranking.plot(run_dir / "head_ranking.png")
+        heatmap = ranking.plot(run_dir / "head_ranking.png", selected=self.datamodule.selected_heads)
         for logger in self.trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="heads/ranking", images=[str(heatmap)])
+
+
+def print_by_family(metrics: dict[str, float]) -> None:
+    """The ``<stage>/<metric>/<family>`` figures as one table per stage (blank where a family lacks a class)."""
+    for stage in ("val", "test"):
+        rows: dict[str, dict[str, float]] = {}
+        for name, value in metrics.items():
+            parts = name.split("/", 2)
+            if len(parts) == 3 and parts[0] == stage and parts[1] in ("auroc", "asr", "pr"):
+                rows.setdefault(parts[2], {})[parts[1]] = float(value)
+        if not rows:
+            continue
+        width = max(map(len, rows)) + 2
+        print(f"[sahs] {stage} by attack family (ASR and PR at the validation threshold):")
+        for family in sorted(rows):
+            cells = "  ".join(f"{m}={rows[family][m]:.4f}" if m in rows[family] else f"{m}={'-':>6}"
+                              for m in ("auroc", "asr", "pr"))
+            print(f"  {family:<{width}}{cells}")
 
 
 def lightning_main(args: list[str] | None = None) -> SahsCLI:
@@ -147,7 +184,7 @@ LIGHTNING_VERBS = {
     "fit": "extract (or reuse) the cache, train the detector, then validate and test the best checkpoint",
     "validate": "validate a trained detector (--ckpt_path) on the validation split",
     "test": "test a trained detector (--ckpt_path) on the test split",
-    "predict": "score prompts with a trained detector (--ckpt_path)",
+    "predict": "score every prompt (or one split) with a trained detector (--ckpt_path); write predictions.csv",
 }
 
 # Verbs that are not Trainer methods: each takes the rest of the command line.
