@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -55,9 +56,15 @@ def offline_runs(folder: Path) -> dict[str, dict]:
     return {run["name"]: run for run in runs}
 
 
-def read_run(path: Path) -> dict:
+def read_run(path: Path, wait: float = 20.0) -> dict:
+    """The run's records once W&B's writer (a process of its own) has written its exit record."""
+    deadline = time.monotonic() + wait
+    parsed = records(path)
+    while not any(r.WhichOneof("record_type") == "exit" for r in parsed) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        parsed = records(path)
     run, config, summary = None, {}, {}
-    for record in records(path):
+    for record in parsed:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run

@@ -136,13 +136,16 @@ class LocalSweep:
                 self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
 
     def _counted(self) -> list:
-        """Trials that count as runs of the sweep: all but the interrupted ones (those are run again)."""
+        """Trials that count as runs of the sweep: finished, failed with an error, running or queued.
+
+        An interrupted run (Ctrl-C, or its process gone before it ended) does not count: it runs again.
+        """
         from optuna.trial import TrialState
 
         statuses = self._statuses()
-        states = (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
-        return [t for t in self.study.get_trials(deepcopy=False, states=states)
-                if statuses.get(t.number) != "interrupted"]
+        states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+        return [t for t in self.study.get_trials(deepcopy=False)
+                if t.state in states or (t.state == TrialState.FAIL and statuses.get(t.number) == "failed")]
 
     def next_trial(self):
         """The next trial and its parameters, or None when the grid is done or ``run_cap`` is reached."""

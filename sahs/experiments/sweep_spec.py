@@ -106,7 +106,7 @@ class Parameter:
 def _parameter(name: str, spec: Any) -> Parameter:
     if not isinstance(spec, dict):
         raise SweepError(f"parameter {name!r} must be a mapping such as `values: [...]`, got {spec!r}")
-    unknown = set(spec) - {"values", "value", "distribution", "min", "max", "q", "probabilities"}
+    unknown = set(spec) - {"values", "value", "distribution", "min", "max", "q", "mu", "sigma"}
     if "parameters" in spec:
         raise SweepError(f"parameter {name!r}: nested parameters are not supported; name the full key, e.g. "
                          f"`{name}.<field>`")
