@@ -64,6 +64,13 @@ def run(argv: list[str], store=None, parser=None, quiet: bool = False, exit_on_e
     return result
 
 
+def load_inputs(run, store):
+    """What LOAO reads from the run's cache, filling the cache first (once per cache and extraction setting)."""
+    if (run.datamodule, run.extraction_config) not in store and run.extraction is not None:
+        run.extraction.fill(run.datamodule.cache_dir)
+    return store.get(run.datamodule, run.extraction_config)
+
+
 def _leave_one_attack_out(options: Options, run, store, quiet: bool) -> LoaoRun:
     from sahs.commands import runs
     from sahs.experiments import LoaoSettings
@@ -73,9 +80,7 @@ def _leave_one_attack_out(options: Options, run, store, quiet: bool) -> LoaoRun:
 
     runs.log_config(run.loggers, run.config)
     datamodule = run.datamodule
-    if (datamodule, run.extraction_config) not in store and run.extraction is not None:
-        run.extraction.fill(datamodule.cache_dir)  # once per cache and extraction setting
-    inputs = store.get(datamodule, run.extraction_config)
+    inputs = load_inputs(run, store)
     detector = run.module.detector
     if getattr(detector, "head_dim", 0) is None:  # group lasso needs each head's width
         detector.head_dim = inputs.head_dim

@@ -94,7 +94,7 @@ def main(argv: list[str]) -> None:
     except SweepError as error:
         raise SystemExit(f"[sahs] {error}") from None
     offline = options.offline or os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled")
-    execute = _executor(spec, sweep_dir, run_args, offline)
+    execute = _executor(spec, sweep_dir, run_args, offline, run)
     print(f"[sahs] sweep {spec.name} ({spec.method}, {'offline, Optuna' if offline else 'W&B'}): {sweep_dir}")
     # W&B lists the installed packages for every run (0.3-1 s each); a sweep's runs share one environment.
     preset = "WANDB__SAVE_REQUIREMENTS" in os.environ
@@ -115,8 +115,12 @@ def main(argv: list[str]) -> None:
     _finish(spec, sweep_dir, records, offline)
 
 
-def _executor(spec, sweep_dir: Path, run_args: list[str], offline: bool):
-    """``execute(params, name)``: one LOAO run of the sweep, in-process, sharing one read of the cache."""
+def _executor(spec, sweep_dir: Path, run_args: list[str], offline: bool, base=None):
+    """``execute(params, name)``: one LOAO run of the sweep, in-process, sharing one read of the cache.
+
+    With ``base`` (the sweep's run config, built) the cache is checked, filled and read here, before
+    any run: a cache that does not fit the config stops the sweep instead of failing every run.
+    """
     from sahs.commands import loao
     from sahs.commands.run_config import RunParser
     from sahs.experiments.inputs import InputStore
@@ -124,6 +128,11 @@ def _executor(spec, sweep_dir: Path, run_args: list[str], offline: bool):
     from sahs.experiments.sweep import RunFailed, RunOutcome
 
     store, parser = InputStore(every_layer=True), RunParser("loao")
+    if base is not None:
+        try:
+            loao.load_inputs(base, store)
+        except (OSError, ValueError) as error:  # a missing or mismatched cache, named by its own message
+            raise SystemExit(f"[sahs] {type(error).__name__}: {error}") from None
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed"):
         logging.getLogger(name).setLevel(logging.WARNING)  # not "Seed set to 0" and the GPU lines once per run
     identity = [f"--trainer.default_root_dir={sweep_dir}", f"--run.group={spec.name}", "--run.tags=[sweep]",

@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import csv
-import importlib
-import inspect
 import io
 import json
 from collections import defaultdict
@@ -31,17 +29,11 @@ MEAN, MIN = "loao/auroc_mean", "loao/auroc_min"
 
 
 def detector_label(config: dict[str, Any]) -> str:
-    """``MLPDetector(hidden=[64, 64])``: the detector class with the init args that differ from its defaults."""
+    """``MLPDetector(hidden=[64, 64], dropout=0.1, l2=0.001)``: the detector class and its set init args."""
     spec = (config.get("model") or {}).get("detector") or {}
-    class_path = spec.get("class_path", "sahs.models.detectors.LogisticDetector")
-    module, _, name = class_path.rpartition(".")
-    args = dict(spec.get("init_args") or {})
-    try:
-        defaults = {key: p.default for key, p in inspect.signature(getattr(importlib.import_module(module), name)).parameters.items()}
-    except (ImportError, AttributeError, ValueError):
-        defaults = {}
-    shown = [f"{key}={value}" for key, value in args.items() if key not in defaults or defaults[key] != value]
-    return f"{name}({', '.join(shown)})"
+    name = spec.get("class_path", "sahs.models.detectors.LogisticDetector").rpartition(".")[2]
+    args = [f"{key}={value}" for key, value in (spec.get("init_args") or {}).items() if value is not None]
+    return f"{name}({', '.join(args)})"
 
 
 def _text(value: Any) -> Any:
@@ -110,7 +102,7 @@ def plot_auroc_vs_heads(rows: list[dict[str, Any]], path: Path, title: str) -> P
             lines[row.get("detector", "detector")][row["heads"]].append((row[MEAN], row[MIN]))
     if not lines:
         return None
-    figure = Figure(figsize=(7.5, 4.5), layout="constrained")
+    figure = Figure(figsize=(7.5, 4.5 + 0.12 * len(lines)), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for index, (detector, points) in enumerate(sorted(lines.items())):
@@ -122,9 +114,12 @@ def plot_auroc_vs_heads(rows: list[dict[str, Any]], path: Path, title: str) -> P
         axes.plot(heads, means, "o-", color=color, label=f"{detector} mean")
         axes.plot(heads, mins, "v--", color=color, alpha=0.7, label=f"{detector} min")
     axes.set_xscale("log", base=2)
+    ticks = sorted({h for points in lines.values() for h in points})
+    axes.set_xticks(ticks, [f"{h:g}" for h in ticks])
+    axes.minorticks_off()
     axes.set(title=f"{title}: leave-one-attack-out AUROC", xlabel="heads fed to the detector", ylabel="AUROC")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="best")
+    figure.legend(fontsize=7, loc="outside lower center", ncols=2)
     figure.savefig(path, dpi=120)
     return path
 
