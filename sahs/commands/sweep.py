@@ -94,6 +94,7 @@ def main(argv: list[str]) -> None:
     except SweepError as error:
         raise SystemExit(f"[sahs] {error}") from None
     offline = options.offline or os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled")
+    sweep_id = None if offline else (options.sweep_id or _create_on_wandb(spec))  # before the cache is read
     execute = _executor(spec, sweep_dir, run_args, offline, run)
     print(f"[sahs] sweep {spec.name} ({spec.method}, {'offline, Optuna' if offline else 'W&B'}): {sweep_dir}")
     # W&B lists the installed packages for every run (0.3-1 s each); a sweep's runs share one environment.
@@ -105,7 +106,9 @@ def main(argv: list[str]) -> None:
 
             records = run_local(spec, sweep_dir, execute, count=options.count)
         else:
-            records = _online(spec, sweep_dir, execute, options)
+            from sahs.experiments.sweep import run_wandb
+
+            records = run_wandb(spec, sweep_dir, execute, sweep_id, count=options.count)
     except KeyboardInterrupt:
         raise SystemExit(f"\n[sahs] sweep {spec.name} interrupted; its summary in {sweep_dir} lists the runs so far. "
                          "Run the same command again to resume it.") from None
@@ -152,11 +155,11 @@ def _executor(spec, sweep_dir: Path, run_args: list[str], offline: bool, base=No
     return execute
 
 
-def _online(spec, sweep_dir: Path, execute, options: Options):
-    from sahs.experiments.sweep import run_wandb
+def _create_on_wandb(spec) -> str:
+    from sahs.experiments.sweep import create_wandb_sweep
 
     try:
-        return run_wandb(spec, sweep_dir, execute, count=options.count, sweep_id=options.sweep_id)
+        return create_wandb_sweep(spec)
     except Exception as error:
         if "api_key" in str(error).lower() or "api key" in str(error).lower():
             raise SystemExit("[sahs] W&B is online but has no API key: run `wandb login`, or sweep offline with "

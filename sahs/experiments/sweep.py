@@ -207,18 +207,24 @@ def run_local(spec: SweepSpec, sweep_dir: Path, execute: Execute, count: int | N
     return read_records(sweep.sweep_dir)
 
 
-def run_wandb(spec: SweepSpec, sweep_dir: Path, execute: Execute, count: int | None = None,
-              sweep_id: str | None = None, say: Callable[[str], None] = print) -> list[RunRecord]:
-    """Create the sweep on W&B (or join ``sweep_id``) and run a W&B agent in this process."""
+def create_wandb_sweep(spec: SweepSpec) -> str:
+    """Create the sweep on W&B; returns its ``ENTITY/PROJECT/ID``."""
+    import wandb
+
+    sweep_id = wandb.sweep({**spec.raw, "name": spec.name}, project=spec.project, entity=spec.entity)
+    entity = spec.entity or wandb.Api().default_entity
+    return f"{entity}/{spec.project}/{sweep_id}"
+
+
+def run_wandb(spec: SweepSpec, sweep_dir: Path, execute: Execute, sweep_id: str, count: int | None = None,
+              say: Callable[[str], None] = print) -> list[RunRecord]:
+    """Run a W&B agent in this process on the W&B sweep ``sweep_id`` (``ENTITY/PROJECT/ID``)."""
     import wandb
 
     sweep_dir = Path(sweep_dir)
     write_atomic(sweep_dir / DEFINITION, spec.path.read_text())
-    if sweep_id is None:
-        sweep_id = wandb.sweep({**spec.raw, "name": spec.name}, project=spec.project, entity=spec.entity)
     if sweep_id.count("/") != 2:
-        entity = spec.entity or wandb.Api().default_entity
-        sweep_id = f"{entity}/{spec.project}/{sweep_id}"
+        raise SweepError(f"--sweep_id {sweep_id!r} must be ENTITY/PROJECT/ID, as `wandb agent` takes it")
     say(f"[sahs] sweep {spec.name} runs on W&B; other machines join it with:\n  wandb agent {sweep_id}")
     numbers = itertools.count(len(read_records(sweep_dir)))
 
