@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from collections.abc import Callable
@@ -15,6 +16,10 @@ from sahs.models.module import DetectorModule
 
 class SahsCLI(LightningCLI):
     """After ``fit``, the best checkpoint is validated and tested, and the AUROC figures printed."""
+
+    def init_parser(self, **kwargs):
+        # A config error raises, so that ``main`` prints the key at fault in one line, not 80 lines of usage.
+        return super().init_parser(**{"exit_on_error": False, **kwargs})
 
     def after_fit(self) -> None:
         if self.trainer.fast_dev_run or self.trainer.interrupted:
@@ -69,6 +74,7 @@ def _verb(module: str) -> Callable[[list[str]], None]:
 
 # Verbs that are not Trainer methods: each takes the rest of the command line.
 EXTRA_COMMANDS: dict[str, Callable[[list[str]], object]] = {
+    "cache": _verb("cache"),
     "data": _data_main,
     "extract": _verb("extract"),
     "locate": _verb("locate"),
@@ -77,11 +83,23 @@ EXTRA_COMMANDS: dict[str, Callable[[list[str]], object]] = {
 
 
 def main(argv: list[str] | None = None) -> None:
+    """User errors print one line (``--debug`` or ``SAHS_DEBUG=1``: the traceback too); bugs keep theirs."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in EXTRA_COMMANDS:
-        EXTRA_COMMANDS[argv[0]](argv[1:])
-    else:
-        lightning_main(argv)
+    debug = "--debug" in argv or os.environ.get("SAHS_DEBUG", "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        if argv and argv[0] in EXTRA_COMMANDS:
+            EXTRA_COMMANDS[argv[0]](argv[1:])
+        else:
+            lightning_main(argv)
+    except Exception as error:
+        from sahs.commands.errors import user_error_line
+
+        line = user_error_line(error)
+        if line is None or debug:
+            raise
+        print(f"sahs: error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -10,7 +10,34 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from sahs.data.cache import ActivationCache
 from sahs.data.splits import stratified_split
+from sahs.errors import UserError
 from sahs.eval.probes import HeadRanking, rank_heads
+
+
+class DataConfigError(UserError, ValueError):
+    """A ``data:`` setting that cannot work, named with its fix."""
+
+
+def check_selection(heads: list | None, layers: list | None, top_k: int | None, val_fraction: float,
+                    test_fraction: float) -> None:
+    """Refuse head selections and splits that would fail later or be silently ignored."""
+    if heads is not None and len(heads) == 0:
+        raise DataConfigError("data.heads is empty: list [layer, head] pairs, or leave it unset (null) "
+                              "to use every cached head")
+    if layers is not None and len(layers) == 0:
+        raise DataConfigError("data.layers is empty: list layers, or leave it unset (null) for every cached layer")
+    if heads is not None and top_k is not None:
+        raise DataConfigError("data.heads and data.top_k are both set: heads fixes the heads, top_k would "
+                              "rank them on the training split; unset one of the two")
+    if top_k is not None and top_k < 1:
+        raise DataConfigError(f"data.top_k must be at least 1, got {top_k}")
+    if not 0 < val_fraction < 1:
+        raise DataConfigError(
+            f"data.val_fraction is {val_fraction}: the detector's threshold (95% TPR) and the best checkpoint "
+            "are chosen on the validation split, so it must be in (0, 1) (the default is 0.15)")
+    if not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise DataConfigError(f"data.val_fraction + data.test_fraction is {val_fraction + test_fraction}: "
+                              "leave some prompts for training (the sum must be below 1)")
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -41,6 +68,7 @@ class ActivationDataModule(L.LightningDataModule):
             seed: Seed of the split.
         """
         super().__init__()
+        check_selection(heads, layers, top_k, val_fraction, test_fraction)
         self.save_hyperparameters()
         self.cache_dir = cache_dir
         self.cache: ActivationCache | None = None
@@ -81,6 +109,9 @@ class ActivationDataModule(L.LightningDataModule):
     def _split(self, cache: ActivationCache) -> dict[str, torch.Tensor]:
         given = cache.column("split")
         if all(name in ("train", "val", "test") for name in given):  # the prompt set brings its own
+            if "val" not in given:
+                raise DataConfigError(f"the prompt set of {self.cache_dir} brings its own split without a 'val' "
+                                      "part: the threshold and the best checkpoint are chosen on validation")
             return {name: torch.tensor([i for i, s in enumerate(given) if s == name]) for name in ("train", "val", "test")}
         strata = [f"{label}/{attack}" for label, attack in zip(cache.column("label"), cache.column("attack"))]
         hp = self.hparams

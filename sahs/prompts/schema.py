@@ -20,6 +20,8 @@ from typing import Any
 import datasets
 from PIL import Image
 
+from sahs.errors import UserError
+
 COLUMNS = ("id", "text", "image", "label", "attack", "source", "category")
 TEXT_COLUMNS = ("id", "text", "label", "attack", "source", "category")
 LABEL_NAMES = ("benign", "malicious")
@@ -35,6 +37,10 @@ FEATURES = datasets.Features(
         "category": datasets.Value("string"),
     }
 )
+
+class BadImageError(UserError, ValueError):
+    """A prompt whose stored image cannot be decoded."""
+
 
 PROVENANCE_FILE = "provenance.jsonl"  # per-row licence and origin, beside a saved set
 
@@ -132,7 +138,11 @@ def prompt_set_hash(ds: datasets.Dataset, batch_size: int = 256) -> str:
         for row in raw[start : start + batch_size].to_pylist():
             fields = [row[c] for c in TEXT_COLUMNS]
             digest.update(json.dumps(fields, ensure_ascii=False).encode("utf-8") + b"\n")
-            digest.update(_image_digest(row["image"]))
+            try:
+                digest.update(_image_digest(row["image"]))
+            except Exception as error:  # PIL raises several types for truncated or foreign bytes
+                raise BadImageError(f"prompt {row['id']!r}: its image cannot be read ({type(error).__name__}: "
+                                    f"{error}); fix or drop that row of the prompt set") from None
     return digest.hexdigest()
 
 
