@@ -1,6 +1,6 @@
-"""``sahs cache verify DIR`` checks every file of an activation cache; ``sahs cache repair DIR --config C`` re-extracts only its bad or missing rows.
+"""``sahs cache``: check an activation cache (``verify DIR``) or re-extract only its bad rows (``repair DIR --config C``).
 
-Repair needs the run config that made the cache (its model and prompt set); a config whose fingerprint
+``verify`` reads every file and checksum and names each damaged shard. ``repair`` needs the run config that made the cache (its model and prompt set); a config whose fingerprint
 differs is refused, naming what changed. It runs as ``sahs extract`` does, on the configured devices.
 """
 
@@ -31,17 +31,17 @@ def _repair(argv: list[str]) -> None:
     from sahs.data.integrity import verify_cache
     from sahs.extract.distributed import extract_with_trainer
 
-    def arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("dir", help="the cache folder to repair")
-
-    options, run = parse("cache repair", argv, arguments)
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit(USAGE)
+    folder, rest = argv[0], argv[1:]
+    _, run = parse("cache", rest)
     if run.extraction is None:
         raise SystemExit("sahs: error: this config has no sahs.callbacks.ActivationExtraction in trainer.callbacks: "
                          "it names no model or prompt set to re-extract with")
     callback = run.extraction
-    status = extract_with_trainer(options.dir, callback.model, callback.prompts.load(), callback.extraction,
+    status = extract_with_trainer(folder, callback.model, callback.prompts.load(), callback.extraction,
                                   repair=True, progress=callback.progress, **run.devices)
-    report = verify_cache(options.dir)
+    report = verify_cache(folder)
     if not report.ok:
         raise SystemExit(f"sahs: error: after the repair, {report.summary()}")
     done = "nothing to repair" if status == "reused" else "repaired"

@@ -45,7 +45,7 @@ from sahs.errors import UserError
 
 FORMAT_VERSION = 2
 OWN_ENTRIES = {"fingerprint.json", "manifest.json", SHARD_DIR}
-META_COLUMNS = ("id", "label", "attack", "source", "category", "split")
+META_COLUMNS = ("id", "label", "attack", "source", "category", "split", "group")
 
 
 class CacheMissingError(UserError, FileNotFoundError):
@@ -161,7 +161,9 @@ def write_manifest(root: Path, records: Iterable[dict[str, Any]]) -> None:
         if record["id"] not in where:
             raise RuntimeError(f"prompt {record['id']!r} has no activations in {root}/shards")
         stem, row = where.pop(record["id"])
-        rows.append({**{c: record.get(c, "") for c in META_COLUMNS}, "shard": stem, "row": row})
+        meta = {c: record.get(c, "") for c in META_COLUMNS}
+        meta["group"] = meta["group"] or meta["id"]  # a prompt of no named request is a request of its own
+        rows.append({**meta, "shard": stem, "row": row})
     used = {row["shard"] for row in rows}
     table = {stem: {key: sidecar[key] for key in ("ids", "bytes", "sha256", "header_sha256")}
              for stem, sidecar in shards.items() if stem in used}
@@ -255,6 +257,11 @@ class ActivationCache:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def columns(self) -> list[str]:
+        """The manifest's per-prompt columns (caches written before request groups lack ``group``)."""
+        return [name for name in self.rows[0] if name not in ("shard", "row")] if self.rows else []
 
     def column(self, name: str) -> list[Any]:
         return [row[name] for row in self.rows]
