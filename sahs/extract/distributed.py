@@ -26,6 +26,7 @@ from sahs.data import cache as cache_io
 from sahs.extract.adapters import find_adapter
 from sahs.extract.hooks import HeadCapture
 from sahs.extract.models import ModelConfig, load_model, release
+from sahs.prompts.schema import read_image
 from sahs.extract.pipeline import (
     CACHE_DTYPES,
     ExtractionPlan,
@@ -33,7 +34,6 @@ from sahs.extract.pipeline import (
     cache_layout,
     capture_batch,
     check_inputs,
-    decode_image,
     expected_fingerprint,
     finish_cache,
     plan_extraction,
@@ -60,7 +60,7 @@ class _PromptRows(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.rows[self.indices[i]]
-        return {**row, "image": decode_image(row["id"], row["image"])}
+        return {**row, "image": read_image(row["id"], row["image"])}
 
 
 def _collate(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:

@@ -134,9 +134,9 @@ def hub_call(cfg: ModelConfig, call: Callable[[], T]) -> T:
         revision = f" --revision {cfg.revision}" if cfg.revision else ""
         where = "offline (HF_HUB_OFFLINE=1)" if hf_constants.HF_HUB_OFFLINE else "from the hub"
         raise ModelUnavailableError(
-            f"model {cfg.name!r} is not available {where}: download it where the hub is reachable with "
-            f"`huggingface-cli download {cfg.name}{revision}` (the same HF_HOME), or set `model.name` to a "
-            f"local folder holding its config.json and weights ({type(error).__name__})") from error
+            f"model {cfg.name!r} is not available {where}: download it into the same HF_HOME where the hub is "
+            f"reachable, with `hf download {cfg.name}{revision}` (`huggingface-cli download` in older "
+            "huggingface_hub), or set `model.name` to a local folder holding its config.json and weights") from error
 
 
 def load_config(cfg: ModelConfig) -> PretrainedConfig:

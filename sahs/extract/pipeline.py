@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 import datasets
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
@@ -26,7 +25,7 @@ from sahs.extract.fingerprint import expected_fingerprint  # noqa: F401  (re-exp
 from sahs.extract.formatting import encode_batch
 from sahs.extract.hooks import HeadCapture, last_real_position
 from sahs.extract.models import ModelConfig, load_model, release
-from sahs.prompts.schema import open_image
+from sahs.prompts.schema import read_image
 
 CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -77,21 +76,9 @@ def cache_layout(adapter: ModelAdapter, layers: list[int] | None) -> dict[str, A
 
 
 def undecoded(prompts: datasets.Dataset) -> datasets.Dataset:
-    """The id, text and image columns, images left as stored, so that each is decoded by ``decode_image``."""
+    """The id, text and image columns, images left as stored, so that each is decoded by ``read_image``
+    (an unreadable image is then reported with its prompt id)."""
     return prompts.select_columns(["id", "text", "image"]).cast_column("image", datasets.Image(decode=False))
-
-
-def decode_image(prompt_id: str, value: dict[str, Any] | None) -> Image.Image | None:
-    """A stored image, opened; an unreadable one is reported with its prompt id."""
-    if value is None:
-        return None
-    try:
-        image = open_image(value)
-        image.load()
-    except Exception as error:  # PIL raises several types for truncated or foreign bytes
-        raise ExtractionInputError(f"prompt {prompt_id!r}: its image cannot be read ({type(error).__name__}: "
-                                   f"{error}); fix or drop that row of the prompt set") from None
-    return image
 
 
 def capture_batch(model: PreTrainedModel, processor: Any, capture: HeadCapture, batch: dict[str, list[Any]],
@@ -106,7 +93,7 @@ def _batches(prompts: datasets.Dataset, indices: list[int], size: int) -> Iterat
     rows = undecoded(prompts)
     for start in range(0, len(indices), size):
         batch = rows.select(indices[start:start + size])[:]
-        batch["image"] = [decode_image(pid, value) for pid, value in zip(batch["id"], batch["image"])]
+        batch["image"] = [read_image(pid, value) for pid, value in zip(batch["id"], batch["image"])]
         yield batch
 
 

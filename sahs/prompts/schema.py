@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from sahs.errors import UserError
 
@@ -40,6 +40,10 @@ FEATURES = datasets.Features(
 
 class BadImageError(UserError, ValueError):
     """A prompt whose stored image cannot be decoded."""
+
+
+class EmptyPromptSetError(UserError, ValueError):
+    """A prompt set with no prompts where prompts are needed."""
 
 
 PROVENANCE_FILE = "provenance.jsonl"  # per-row licence and origin, beside a saved set
@@ -112,6 +116,24 @@ def open_image(value: Mapping[str, Any]) -> Image.Image:
     raise ValueError("image entry has neither bytes nor path")
 
 
+def _bad_image(prompt_id: str, error: Exception) -> BadImageError:
+    reason = ("not an image file that PIL can read" if isinstance(error, UnidentifiedImageError)
+              else f"{type(error).__name__}: {error}")
+    return BadImageError(f"prompt {prompt_id!r}: its image cannot be read ({reason}); "
+                         "fix or drop that row of the prompt set")
+
+
+def read_image(prompt_id: str, value: Mapping[str, Any] | None) -> Image.Image | None:
+    """A stored image decoded as ``datasets`` decodes it; an unreadable one is reported with its prompt id."""
+    if value is None:
+        return None
+    try:
+        image = FEATURES["image"].decode_example(dict(value))
+    except Exception as error:  # PIL raises several types for truncated or foreign bytes
+        raise _bad_image(prompt_id, error) from None
+    return image
+
+
 def _image_digest(value: Mapping[str, Any] | None) -> bytes:
     """Hash decoded pixels, so the same picture hashes equal whatever file format holds it."""
     if value is None:
@@ -141,8 +163,7 @@ def prompt_set_hash(ds: datasets.Dataset, batch_size: int = 256) -> str:
             try:
                 digest.update(_image_digest(row["image"]))
             except Exception as error:  # PIL raises several types for truncated or foreign bytes
-                raise BadImageError(f"prompt {row['id']!r}: its image cannot be read ({type(error).__name__}: "
-                                    f"{error}); fix or drop that row of the prompt set") from None
+                raise _bad_image(row["id"], error) from None
     return digest.hexdigest()
 
 
@@ -210,6 +231,10 @@ class SavedPrompts(PromptSource):
                 f"{folder} holds no saved prompt set (no dataset_info.json); "
                 "build one with `sahs data build --config configs/data/offline.yaml`"
             )
+        state = json.loads((folder / "state.json").read_text()) if (folder / "state.json").is_file() else {}
+        if state.get("_data_files") == []:  # datasets itself fails on it with an IndexError
+            raise EmptyPromptSetError(f"the saved prompt set at {folder} holds no prompts: rebuild it "
+                                      "(`sahs data build`) or point `path` at another set")
         return check_schema(datasets.load_from_disk(str(folder)), f"saved prompt set {folder}")
 
     def provenance(self) -> dict[str, Provenance]:
