@@ -22,6 +22,7 @@ from pathlib import Path
 from sahs.errors import UserError
 
 LOCK_FILE = ".lock"
+RECORD_BYTES = 256
 
 
 class CacheBusyError(UserError, RuntimeError):
@@ -62,8 +63,12 @@ class CacheLock:
             raise
         self._fd = fd
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        # Padded over the previous holder's record rather than truncated: ext4 flushes a file truncated to
+        # zero when it is closed, which would cost milliseconds. JSON ignores the trailing spaces.
+        record = json.dumps(info).encode().ljust(RECORD_BYTES)
+        os.pwrite(fd, record, 0)
+        if os.fstat(fd).st_size != len(record):  # a longer record of an earlier holder
+            os.ftruncate(fd, len(record))
         return self
 
     def _try(self, fd: int) -> bool:
