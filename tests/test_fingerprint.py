@@ -105,7 +105,8 @@ def test_a_changed_runtime_setting_refuses_the_cache(local_cache, prompts, monke
     model_dir, cache = local_cache
     if change == "transformers":
         major, minor, *rest = transformers.__version__.split(".")
-        monkeypatch.setattr(transformers, "__version__", f"{major}.{int(minor) + 1}.0")
+        # The module object the fingerprint reads (importing Lightning's CLI can swap sys.modules' entry).
+        monkeypatch.setattr(fingerprint_io.transformers, "__version__", f"{major}.{int(minor) + 1}.0")
         assert_refused(cache, ModelConfig(name=str(model_dir)), prompts, key)
     elif change == "attn_implementation":
         assert_refused(cache, ModelConfig(name=str(model_dir), attn_implementation="eager"), prompts, key)
@@ -116,7 +117,7 @@ def test_a_changed_runtime_setting_refuses_the_cache(local_cache, prompts, monke
 def test_a_patch_release_of_transformers_keeps_the_cache(local_cache, prompts, monkeypatch):
     model_dir, cache = local_cache
     major, minor, *_ = transformers.__version__.split(".")
-    monkeypatch.setattr(transformers, "__version__", f"{major}.{minor}.99")
+    monkeypatch.setattr(fingerprint_io.transformers, "__version__", f"{major}.{minor}.99")
     assert ensure_cache(cache, ModelConfig(name=str(model_dir)), prompts, SETTINGS, progress=False) == "reused"
 
 

@@ -146,30 +146,26 @@ def test_shards_repeated_by_a_second_extraction_are_resolved_not_fatal(tmp_path,
     assert sorted(again) == sorted(reference) and all(torch.equal(again[pid], reference[pid]) for pid in reference)
 
 
-def launch(root: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(root)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
-
-
 def test_two_extractions_at_once_wait_for_the_lock_and_build_the_cache_once(tmp_path, run):
+    """This process and a script extract into one folder at once; the lock lets one build, the other reuse."""
     root = tmp_path / "cache"
-    lock = CacheLock(root).acquire()  # held here, so that both are surely waiting at the same time
-    runs = [launch(root, tmp_path / f"extract{i}.log") for i in range(2)]
-    for process in runs:
-        for line in process.stdout:  # blocks until the line is printed: no sleeping, no polling
-            if "waiting for another extraction" in line:
-                assert f"pid {os.getpid()}" in line
-                break
-        else:
-            pytest.fail(f"no waiting message:\n{(tmp_path / 'extract0.log').read_text()[-2000:]}")
+    lock = CacheLock(root).acquire()  # held until the script surely waits for the folder
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "extract.log"
+    other = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(root)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+    for line in other.stdout:  # blocks until the line is printed: no sleeping, no polling
+        if "waiting for another extraction" in line:
+            assert f"pid {os.getpid()}" in line  # it names who holds the folder
+            break
+    else:
+        pytest.fail(f"no waiting message:\n{log.read_text()[-3000:]}")
     lock.release()
-    statuses = []
-    for i, process in enumerate(runs):
-        out, _ = process.communicate(timeout=300)
-        assert process.returncode == 0, (tmp_path / f"extract{i}.log").read_text()[-3000:]
-        statuses += [line.split("=", 1)[1] for line in out.splitlines() if line.startswith("status=")]
-    assert sorted(statuses) == ["built", "reused"]  # the second one reused what the first built
+    mine = ensure_cache(root, ModelConfig(), prompt_set(N_PROMPTS), ExtractionSettings(**EXTRACTION), progress=False)
+    out, _ = other.communicate(timeout=300)
+    assert other.returncode == 0, log.read_text()[-3000:]
+    theirs = [line.split("=", 1)[1] for line in out.splitlines() if line.startswith("status=")]
+    assert sorted([mine, *theirs]) == ["built", "reused"]  # whichever got the folder first built it
     ids = [pid for p in (root / "shards").glob("r*.json") for pid in json.loads(p.read_text())["ids"]]
     assert sorted(ids) == sorted(prompt_set(N_PROMPTS)["id"])  # each prompt in exactly one shard
     assert verify_cache(root).ok

@@ -1,15 +1,17 @@
 """Kill an extraction at a named point, resume it: nothing lost, nothing written twice, the same bytes.
 
 Run as a script (``python tests/test_resume.py CACHE_DIR``) it extracts the prompt set below; the test
-sets ``SAHS_KILL_AT`` so that the script SIGKILLs itself at a chosen point (halfway through a shard, between
-a shard and its sidecar, after a shard, before or halfway through the manifest). No sleeps, no polling:
-the kill lands at the same byte every time.
+sets ``SAHS_KILL_AT`` so that the script SIGKILLs itself at a chosen point (halfway through a shard, after
+the last shard but before the manifest, halfway through the manifest). No sleeps, no polling: the kill
+lands at the same byte every time. The resume runs with ``lock_timeout=0``, so the lock that the killed
+process held must have died with it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,29 +80,35 @@ def uninterrupted(tmp_path_factory, prompts) -> Path:
     return root
 
 
-# point -> (shards finished at the kill, what else the kill leaves behind)
-KILLS = {
-    "shard_write:3": (2, "a half-written temporary shard"),
-    "shard_renamed:3": (2, "a third shard without its sidecar"),
-    "before_manifest": (4, "every shard, no manifest"),
-    "manifest_write": (4, "a half-written temporary manifest"),
-}
+@pytest.fixture(scope="module")
+def killed_mid_shard(tmp_path_factory) -> Path:
+    """Killed halfway through writing its third shard: two finished shards and a half-written one."""
+    root = tmp_path_factory.mktemp("killed") / "cache"
+    killed_extraction(root, "shard_write:3", root.parent / "extract.log")
+    return root
 
 
-@pytest.mark.parametrize("point", sorted(KILLS))
-def test_a_kill_at_any_point_resumes_to_the_bytes_of_an_uninterrupted_run(tmp_path, prompts, uninterrupted,
-                                                                          monkeypatch, point):
+def copy_or_kill(point: str, killed_mid_shard: Path, tmp_path: Path) -> Path:
     root = tmp_path / "cache"
-    killed_extraction(root, point, tmp_path / "extract.log")
-    at_kill = finished(root)
-    assert len(at_kill) == KILLS[point][0] and not (root / "manifest.json").exists()
     if point == "shard_write:3":
+        return Path(shutil.copytree(killed_mid_shard, root))
+    killed_extraction(root, point, tmp_path / "extract.log")
+    return root
+
+
+@pytest.mark.parametrize("point", ["shard_write:3", "before_manifest", "manifest_write"])
+def test_a_kill_at_any_point_resumes_to_the_bytes_of_an_uninterrupted_run(tmp_path, prompts, uninterrupted,
+                                                                          killed_mid_shard, monkeypatch, point):
+    root = copy_or_kill(point, killed_mid_shard, tmp_path)
+    at_kill = finished(root)
+    assert not (root / "manifest.json").exists()
+    if point == "shard_write:3":  # two whole shards, and the third one's temporary file cut in the middle
+        assert sorted(at_kill) == ["r000-00000", "r000-00001"]
         tmp = next((root / "shards").glob(".r000-00002.safetensors.*.tmp"))
         assert 0 < tmp.stat().st_size < (uninterrupted / "shards" / "r000-00002.safetensors").stat().st_size
-    if point == "shard_renamed:3":
-        assert (root / "shards" / "r000-00002.safetensors").exists() and "r000-00002" not in at_kill
-    if point == "manifest_write":
-        assert len(list(root.glob(".manifest.json.*.tmp"))) == 1
+    else:  # every shard whole; the manifest not begun, or its temporary file cut in the middle
+        assert len(at_kill) == 4
+        assert len(list(root.glob(".manifest.json.*.tmp"))) == (point == "manifest_write")
 
     status, extracted = resume(root, prompts, monkeypatch)
     assert status == "resumed"
@@ -111,12 +119,10 @@ def test_a_kill_at_any_point_resumes_to_the_bytes_of_an_uninterrupted_run(tmp_pa
     assert files(root) == files(uninterrupted)
 
 
-def test_a_killed_extraction_redoes_only_unfinished_and_corrupt_shards(tmp_path, prompts, uninterrupted, monkeypatch):
-    root = tmp_path / "cache"
-    killed_extraction(root, "shard_written:2", tmp_path / "extract.log")  # two shards, then SIGKILL
+def test_a_killed_extraction_redoes_only_unfinished_and_corrupt_shards(tmp_path, prompts, uninterrupted,
+                                                                       killed_mid_shard, monkeypatch):
+    root = Path(shutil.copytree(killed_mid_shard, tmp_path / "cache"))
     at_kill = finished(root)
-    assert sorted(at_kill) == ["r000-00000", "r000-00001"]
-
     # Also truncate a finished shard on disk: its checksum no longer matches, so its prompts are redone.
     shard = root / "shards" / "r000-00000.safetensors"
     shard.write_bytes(shard.read_bytes()[:-9])

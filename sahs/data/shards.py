@@ -20,31 +20,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 
 from sahs.data.faults import kill_point
 
 TENSOR = "activations"
 SHARD_DIR = "shards"
 MAX_HEADER = 100 << 20  # safetensors' own limit on the header's length
+SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 
 
 class ShardError(ValueError):
     """A shard file that is not the one its sidecar or the manifest recorded."""
 
 
-def write_file(path: Path, data: bytes, point: str | None = None) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: readers see all of it or none.
-
-    ``point`` names the fault-test kill point reached halfway through the write.
+def write_file(path: Path, data: bytes | Sequence[bytes | memoryview], point: str | None = None) -> None:
+    """Write ``data`` (bytes, or buffers written one after the other) to ``path`` through a temporary file
+    and a rename: readers see all of it or none. ``point`` names the fault-test kill point, reached
+    halfway through the last buffer.
     """
+    *first, last = [data] if isinstance(data, (bytes, memoryview)) else data
+    last = memoryview(last).cast("B")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
-    view = memoryview(data)  # halves without copies
     with open(tmp, "wb") as handle:  # open() creates with 0666 & ~umask, like every other file we write
-        handle.write(view[: len(data) // 2])
+        for buffer in first:
+            handle.write(buffer)
+        handle.write(last[: len(last) // 2])
         if point is not None:
             kill_point(point, handle)
-        handle.write(view[len(data) // 2:])
+        handle.write(last[len(last) // 2:])
     os.replace(tmp, path)
 
 
@@ -154,13 +157,25 @@ def shard_problems(shard_dir: Path, records: dict[str, dict[str, Any]], full: bo
     return {stem: problem for stem, problem in found.items() if problem is not None}
 
 
-def encode_shard(ids: Sequence[str], rows: torch.Tensor) -> tuple[bytes, dict[str, Any]]:
-    """The shard file's bytes and its sidecar (ids, size, sha256 of the file and of its header)."""
-    data = save({TENSOR: rows.contiguous()}, metadata={"ids": json.dumps(list(ids))})
-    raw = data[:8 + int.from_bytes(data[:8], "little")]
-    sidecar = {"ids": list(ids), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+def encode_shard(ids: Sequence[str], rows: torch.Tensor) -> tuple[list[bytes | memoryview], dict[str, Any]]:
+    """A safetensors file as ``[header, data]``, the data a view of ``rows`` (no copy), and its sidecar.
+
+    The layout is safetensors' own: an 8-byte little-endian header length, the JSON header (padded with
+    spaces so the data starts 8-byte aligned), then the tensor's bytes.
+    """
+    rows = rows.contiguous()
+    data = memoryview(rows.view(torch.uint8).numpy()).cast("B")  # byte view: any dtype, little-endian hosts
+    header = {TENSOR: {"dtype": SAFETENSORS_DTYPES[rows.dtype], "shape": list(rows.shape),
+                       "data_offsets": [0, len(data)]},
+              "__metadata__": {"ids": json.dumps(list(ids))}}
+    body = json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    raw = len(body).to_bytes(8, "little") + body
+    digest = hashlib.sha256(raw)
+    digest.update(data)
+    sidecar = {"ids": list(ids), "bytes": len(raw) + len(data), "sha256": digest.hexdigest(),
                "header_sha256": hashlib.sha256(raw).hexdigest()}
-    return data, sidecar
+    return [raw, data], sidecar
 
 
 class ShardWriter:
@@ -199,8 +214,8 @@ class ShardWriter:
         self.next_index += 1
         # The checksum is taken from the bytes written, not read back: what another process might
         # have put under the same name can never be vouched for by this sidecar.
-        data, sidecar = encode_shard(ids, torch.stack(rows))
-        write_file(self.dir / f"{stem}.safetensors", data, point="shard_write")
+        parts, sidecar = encode_shard(ids, torch.stack(rows))
+        write_file(self.dir / f"{stem}.safetensors", parts, point="shard_write")
         kill_point("shard_renamed")
         write_file(self.dir / f"{stem}.json", json.dumps({**sidecar, "layout": self.layout}).encode())
         kill_point("shard_written")
