@@ -201,7 +201,7 @@ def test_checksums_are_computed_once_per_process_unless_a_file_changes(tmp_path,
     hashed: list[str] = []
     real = shards_io.sha256_file
     monkeypatch.setattr(shards_io, "sha256_file", lambda path, *a: (hashed.append(path.name), real(path, *a))[1])
-    shards_io._verified.clear()
+    shards_io.forget_verified()
     ActivationCache(root).read()
     assert sorted(hashed) == sorted(p.name for p in (root / "shards").glob("*.safetensors"))  # each once
     ActivationCache(root).read([(0, 1)])

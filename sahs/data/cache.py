@@ -30,7 +30,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from sahs.data.faults import kill_point
-from sahs.data.lock import CacheBusyError, CacheLock  # noqa: F401  (part of this module's interface)
 from sahs.data.shards import (  # noqa: F401  (re-exported: the cache's writing side)
     SHARD_DIR,
     TENSOR,

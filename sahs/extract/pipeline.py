@@ -159,11 +159,12 @@ def verified(root: Path, fingerprint: dict[str, Any]) -> bool:
     return True
 
 
-def _ready_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool, repair: bool) -> bool:
-    """Rank 0, holding the lock: True if the cache is finished and intact, else leave only whole shards."""
+def _ready_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool, repair: bool) -> None:
+    """Rank 0, holding the lock: leave a finished, intact cache as it is (another run may have built it
+    while this one waited); else clear a mismatch (``rebuild``) and keep only whole, distinct shards."""
     try:
         if verified(root, fingerprint):
-            return True
+            return
     except cache_io.CacheDamagedError as damage:
         if not repair:
             raise
@@ -174,7 +175,6 @@ def _ready_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool, repair
         tmp.unlink()
     # Drops unfinished, truncated and corrupt shards, and shards that only repeat other shards' prompts.
     cache_io.drop_duplicate_shards(root, cache_io.finished_shards(root, verify=True))
-    return False
 
 
 def plan_extraction(root: Path, fingerprint: dict[str, Any], prompts: datasets.Dataset, *, rebuild: bool,
