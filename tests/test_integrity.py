@@ -82,15 +82,18 @@ def damage(root: Path, kind: str) -> str:
         manifest = root / "manifest.json"
         manifest.write_bytes(manifest.read_bytes().replace(b'"label": 1', b'"label": 0', 1))
         return "manifest.json"
+    elif kind == "fingerprint":
+        flip(root / "fingerprint.json", 20)
+        return "fingerprint.json"
     return shard.name
 
 
-@pytest.mark.parametrize("kind", ["data", "header", "deleted", "manifest"])
+@pytest.mark.parametrize("kind", ["data", "header", "deleted", "manifest", "fingerprint"])
 def test_damage_is_refused_named_and_repaired_by_the_documented_command(tmp_path, run, kind, capsys, monkeypatch):
     root = Path(shutil.copytree(run["cache"], tmp_path / "cache"))
     named = damage(root, kind)
     untouched = {name: data for name, data in files(root).items()
-                 if Path(named).stem not in name and name != "manifest.json"}
+                 if Path(named).stem not in name and name not in ("manifest.json", "fingerprint.json")}
 
     with pytest.raises(SystemExit) as verdict:
         main(["cache", "verify", str(root)])
@@ -111,9 +114,11 @@ def test_damage_is_refused_named_and_repaired_by_the_documented_command(tmp_path
                                                                                 real_add(self, ids, rows)))
     main(["cache", "repair", str(root), "--config", str(run["config"])])
     assert "activation cache repaired" in capsys.readouterr().out
-    lost = [] if kind == "manifest" else json.loads((run["cache"] / "shards" / "r000-00001.json").read_text())["ids"]
+    lost = [] if kind in ("manifest", "fingerprint") else json.loads(
+        (run["cache"] / "shards" / "r000-00001.json").read_text())["ids"]
     assert sorted(extracted) == sorted(lost)  # only the bad shard's rows went through the model again
     assert all(files(root).get(name) == data for name, data in untouched.items())  # the rest was kept as it was
+    assert (root / "fingerprint.json").read_bytes() == (run["cache"] / "fingerprint.json").read_bytes()
     assert verify_cache(root).ok
     repaired, reference = ActivationCache(root), ActivationCache(run["cache"])
     for column in ("id", "label", "attack", "source", "category"):  # in the same order, flipped label undone

@@ -95,6 +95,20 @@ def read_fingerprint(root: Path) -> dict[str, Any] | None:
     return fingerprint
 
 
+def fingerprint_bytes(fingerprint: dict[str, Any]) -> bytes:
+    """``fingerprint.json`` as written; the manifest records its sha256."""
+    return json.dumps(fingerprint, indent=2, sort_keys=True).encode()
+
+
+def _vouched_by_manifest(root: Path, fingerprint: dict[str, Any]) -> bool:
+    """The manifest was written with exactly this fingerprint, whatever fingerprint.json now holds."""
+    try:
+        recorded = json.loads((root / "manifest.json").read_text())["fingerprint_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return recorded == hashlib.sha256(fingerprint_bytes(fingerprint)).hexdigest()
+
+
 def check_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool) -> list[str]:
     """Refuse ``root`` unless it is empty, cache-only, or a cache that may be reused or rebuilt.
 
@@ -108,6 +122,8 @@ def check_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool) -> list
     if foreign:
         raise CacheMismatchError(f"{root} holds files that are not an activation cache ({foreign[:5]}): "
                                  "choose an empty or cache-only folder for `cache_dir`")
+    if _vouched_by_manifest(root, fingerprint):  # a damaged fingerprint.json that the manifest can restore
+        return []
     try:
         old = read_fingerprint(root)
     except CacheDamagedError:
@@ -134,8 +150,9 @@ def prepare_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool) -> No
         for name in OWN_ENTRIES:
             target = root / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    if not (root / "fingerprint.json").exists():
-        write_file(root / "fingerprint.json", json.dumps(fingerprint, indent=2, sort_keys=True).encode())
+    path = root / "fingerprint.json"
+    if not path.exists() or path.read_bytes() != fingerprint_bytes(fingerprint):  # absent, or restored
+        write_file(path, fingerprint_bytes(fingerprint))
 
 
 def write_manifest(root: Path, records: Iterable[dict[str, Any]]) -> None:
@@ -215,8 +232,16 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
 
 
 def is_complete(root: Path, fingerprint: dict[str, Any]) -> bool:
-    """A finished cache made for ``fingerprint`` (not yet checked for damage)."""
-    return (Path(root) / "manifest.json").exists() and read_fingerprint(root) == fingerprint
+    """A finished cache made for ``fingerprint`` (not yet checked for damage: a damaged fingerprint.json
+    counts if the manifest was written with this fingerprint, so that opening the cache reports it)."""
+    if not (Path(root) / "manifest.json").exists():
+        return False
+    try:
+        if read_fingerprint(root) == fingerprint:
+            return True
+    except CacheDamagedError:
+        pass
+    return _vouched_by_manifest(Path(root), fingerprint)
 
 
 class ActivationCache:

@@ -55,6 +55,8 @@ def verify_cache(root: str | Path) -> CacheReport:
     """Check the manifest, every shard (size, header, sha256, listed prompts) and every sidecar."""
     start = time.perf_counter()
     report = CacheReport(Path(root))
+    if not report.root.is_dir():
+        raise CacheMissingError(f"no folder {report.root}: give the `data.cache_dir` of a run config")
     shard_dir = report.root / SHARD_DIR
     try:
         manifest = load_manifest(report.root)

@@ -157,7 +157,7 @@ def shard_problems(shard_dir: Path, records: dict[str, dict[str, Any]], full: bo
     stems = sorted(records)
     if not stems:
         return {}
-    with ThreadPoolExecutor(min(len(stems), os.cpu_count() or 1, 8)) as pool:
+    with ThreadPoolExecutor(min(len(stems), len(os.sched_getaffinity(0)), 8)) as pool:
         found = dict(zip(stems, pool.map(check, stems)))
     return {stem: problem for stem, problem in found.items() if problem is not None}
 
