@@ -18,10 +18,10 @@ import transformers
 from safetensors.torch import save_file
 
 from sahs.data.cache import ActivationCache, CacheMismatchError, fingerprint_diff
-from sahs.extract import fingerprint as fingerprint_io
-from sahs.extract.fingerprint import expected_fingerprint
+from sahs.extract import model_files
+from sahs.extract import models as models_io
 from sahs.extract.models import ModelConfig
-from sahs.extract.pipeline import ExtractionSettings, ensure_cache
+from sahs.extract.pipeline import ExtractionSettings, ensure_cache, expected_fingerprint
 from sahs.extract.tiny import build_tiny_llava
 from tests.test_cache import prompt_set
 
@@ -106,7 +106,7 @@ def test_a_changed_runtime_setting_refuses_the_cache(local_cache, prompts, monke
     if change == "transformers":
         major, minor, *rest = transformers.__version__.split(".")
         # The module object the fingerprint reads (importing Lightning's CLI can swap sys.modules' entry).
-        monkeypatch.setattr(fingerprint_io.transformers, "__version__", f"{major}.{int(minor) + 1}.0")
+        monkeypatch.setattr(models_io.transformers, "__version__", f"{major}.{int(minor) + 1}.0")
         assert_refused(cache, ModelConfig(name=str(model_dir)), prompts, key)
     elif change == "attn_implementation":
         assert_refused(cache, ModelConfig(name=str(model_dir), attn_implementation="eager"), prompts, key)
@@ -117,7 +117,7 @@ def test_a_changed_runtime_setting_refuses_the_cache(local_cache, prompts, monke
 def test_a_patch_release_of_transformers_keeps_the_cache(local_cache, prompts, monkeypatch):
     model_dir, cache = local_cache
     major, minor, *_ = transformers.__version__.split(".")
-    monkeypatch.setattr(fingerprint_io.transformers, "__version__", f"{major}.{minor}.99")
+    monkeypatch.setattr(models_io.transformers, "__version__", f"{major}.{minor}.99")
     assert ensure_cache(cache, ModelConfig(name=str(model_dir)), prompts, SETTINGS, progress=False) == "reused"
 
 
@@ -141,12 +141,12 @@ def test_a_hub_model_is_pinned_by_the_commit_its_revision_resolved_to(tmp_path, 
 def test_weights_are_hashed_once_until_they_change(tmp_path, saved_model, monkeypatch):
     model = Path(shutil.copytree(saved_model, tmp_path / "model"))
     hashed: list[str] = []
-    real = fingerprint_io.sha256_file
-    monkeypatch.setattr(fingerprint_io, "sha256_file", lambda path: (hashed.append(path.name), real(path))[1])
-    first = fingerprint_io.weight_hashes(model)
+    real = model_files.sha256_file
+    monkeypatch.setattr(model_files, "sha256_file", lambda path: (hashed.append(path.name), real(path))[1])
+    first = model_files.weight_hashes(model)
     assert first == {"model.safetensors": real(model / "model.safetensors")}
     assert hashed == ["model.safetensors"]
-    assert fingerprint_io.weight_hashes(model) == first and hashed == ["model.safetensors"]  # from the store
+    assert model_files.weight_hashes(model) == first and hashed == ["model.safetensors"]  # from the store
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes())  # rewritten in place: same bytes, new times
-    assert fingerprint_io.weight_hashes(model) == first and len(hashed) == 2
+    assert model_files.weight_hashes(model) == first and len(hashed) == 2

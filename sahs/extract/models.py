@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import importlib.metadata
 import importlib.resources
 from collections.abc import Callable
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
+import transformers
 from huggingface_hub import constants as hf_constants
 from transformers import (
     AutoConfig,
@@ -24,6 +27,7 @@ from transformers import (
 )
 
 from sahs.errors import UserError
+from sahs.extract import model_files
 from sahs.extract.tiny import TINY_LLAVA, build_tiny_llava, tiny_llava_config
 
 Kind = Literal["auto", "image-text", "causal-lm", "encoder"]
@@ -145,6 +149,40 @@ def load_config(cfg: ModelConfig) -> PretrainedConfig:
         return tiny_llava_config()
     return hub_call(cfg, lambda: AutoConfig.from_pretrained(
         resolve_name(cfg.name), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code))
+
+
+def hub_commit(cfg: ModelConfig) -> str | None:
+    """The commit that the model's revision resolves to (from the local hub cache when offline)."""
+    from transformers.utils.hub import cached_file, extract_commit_hash
+
+    path = hub_call(cfg, lambda: cached_file(cfg.name, "config.json", revision=cfg.revision))
+    return extract_commit_hash(path, None)
+
+
+def model_identity(cfg: ModelConfig) -> dict[str, Any]:
+    """What the cache fingerprint records about the model: everything that changes its activations.
+
+    Name, revision, config hash, dtype, attention implementation and transformers major.minor; and what
+    pins the rest: for a hub id the commit its revision resolved to (weights, processor and chat template
+    come with it); for a local folder the sha256 of each weight, tokenizer, processor and chat-template
+    file; for the embedded tiny model its seed and its processor's files.
+    """
+    config_json = json.dumps(load_config(cfg).to_dict(), sort_keys=True, default=str)
+    identity: dict[str, Any] = {
+        "name": cfg.name, "revision": cfg.revision, "dtype": cfg.dtype,
+        "attn_implementation": cfg.attn_implementation,
+        "transformers": ".".join(transformers.__version__.split(".")[:2]),
+        "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
+    }
+    if cfg.is_tiny:
+        identity.update(seed=cfg.seed, processor=model_files.tiny_processor_hashes())
+    elif (folder := local_folder(cfg)) is not None:
+        identity.update(weights=model_files.weight_hashes(folder), processor=model_files.processor_hashes(folder))
+    else:
+        identity["commit"] = hub_commit(cfg)
+    if (version := package_version(cfg.name)) is not None:
+        identity["package_version"] = version
+    return identity
 
 
 # Families loaded with AutoModel and read at the last input position (no generation).

@@ -21,11 +21,10 @@ from sahs.data import cache as cache_io
 from sahs.data.lock import CacheLock
 from sahs.errors import UserError
 from sahs.extract.adapters import ModelAdapter, find_adapter
-from sahs.extract.fingerprint import expected_fingerprint  # noqa: F401  (re-exported)
 from sahs.extract.formatting import encode_batch
 from sahs.extract.hooks import HeadCapture, last_real_position
-from sahs.extract.models import ModelConfig, load_model, release
-from sahs.prompts.schema import read_image
+from sahs.extract.models import ModelConfig, load_model, model_identity, release
+from sahs.prompts.schema import prompt_set_hash, read_image
 
 CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -49,6 +48,18 @@ class ExtractionSettings:
 
 class ExtractionInputError(UserError, ValueError):
     """A prompt set or extraction setting that cannot give a cache."""
+
+
+def expected_fingerprint(model: ModelConfig, prompts: datasets.Dataset, settings: ExtractionSettings) -> dict[str, Any]:
+    """Everything that changes the cache's content; batch size, shard size and the lock timeout do not."""
+    return {
+        "format_version": cache_io.FORMAT_VERSION,
+        "model": model_identity(model),
+        "prompts": {"sha256": prompt_set_hash(prompts), "count": len(prompts)},
+        "extraction": {"hook": "o_proj_input", "position": "last_prompt_token",
+                       "layers": sorted(set(settings.layers)) if settings.layers is not None else None,
+                       "cache_dtype": settings.cache_dtype},
+    }
 
 
 def check_inputs(prompts: datasets.Dataset, settings: ExtractionSettings) -> None:
