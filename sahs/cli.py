@@ -9,12 +9,23 @@ from collections.abc import Callable
 
 from lightning.pytorch.cli import LightningCLI
 
+from sahs.commands import VERBS
 from sahs.data.datamodule import ActivationDataModule
 from sahs.models.module import DetectorModule
 
 
 class SahsCLI(LightningCLI):
-    """After ``fit``, the best checkpoint is validated and tested, and the AUROC figures printed."""
+    """After ``fit``, the best checkpoint is validated and tested, and the AUROC figures printed.
+
+    Every verb's own options (``sahs.commands.<verb>.Options``) are a section of the run config, so
+    one YAML can carry ``loao: {top_k: 8}`` and still run ``sahs fit``.
+    """
+
+    def add_arguments_to_parser(self, parser) -> None:
+        from sahs.commands.run_config import verb_options
+
+        for verb, options in verb_options().items():
+            parser.add_class_arguments(options, verb, help=f"options of `sahs {verb}`")
 
     def after_fit(self) -> None:
         if self.trainer.fast_dev_run or self.trainer.interrupted:
@@ -54,31 +65,40 @@ def lightning_main(args: list[str] | None = None) -> SahsCLI:
     )
 
 
-def _data_main(args: list[str]) -> None:
-    if not args or args[0] != "build":
-        raise SystemExit("usage: sahs data build --config configs/data/offline.yaml")
-    from sahs.prompts.build import main as build_main
-
-    build_main(args[1:])
-
-
 def _verb(module: str) -> Callable[[list[str]], None]:
     """A verb whose code is imported only when it runs."""
     return lambda args: importlib.import_module(f"sahs.commands.{module}").main(args)
 
 
+LIGHTNING_VERBS = {
+    "fit": "extract (or reuse) the cache, train the detector, then validate and test the best checkpoint",
+    "validate": "validate a trained detector (--ckpt_path) on the validation split",
+    "test": "test a trained detector (--ckpt_path) on the test split",
+    "predict": "score prompts with a trained detector (--ckpt_path)",
+}
+
 # Verbs that are not Trainer methods: each takes the rest of the command line.
 EXTRA_COMMANDS: dict[str, Callable[[list[str]], object]] = {
-    "data": _data_main,
-    "extract": _verb("extract"),
-    "locate": _verb("locate"),
-    "loao": _verb("loao"),
+    verb: _verb(verb) for verb in VERBS
 }
+
+
+def usage() -> str:
+    """``sahs --help``: every verb with its one-line description."""
+    width = max(map(len, [*LIGHTNING_VERBS, *VERBS])) + 2
+    lines = ["usage: sahs VERB [--config CONFIG] [overrides ...]", "",
+             "Find the safety attention heads of a vision-language model and train detectors on them.", "",
+             "verbs:"]
+    lines += [f"  {verb:<{width}}{text}" for verb, text in {**LIGHTNING_VERBS, **VERBS}.items()]
+    lines += ["", "`sahs VERB --help` documents a verb's options; every verb reads the same run config."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in EXTRA_COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+    elif argv[0] in EXTRA_COMMANDS:
         EXTRA_COMMANDS[argv[0]](argv[1:])
     else:
         lightning_main(argv)

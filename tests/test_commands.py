@@ -10,7 +10,8 @@ import yaml
 
 from sahs.cli import main
 from sahs.data.cache import ActivationCache
-from sahs.eval.loao import leave_one_attack_out
+from sahs.experiments import LoaoSettings
+from sahs.experiments.loao import leave_one_attack_out
 from sahs.models.detectors import LogisticDetector
 from tests.synthetic import planted_features, write_cache
 
@@ -47,8 +48,8 @@ def test_loao_equals_a_direct_call_and_logs_every_fold(run_config, capsys):
     saved = json.loads((run_config.parent / "run" / "loao" / "loao.json").read_text())
     cache = ActivationCache(yaml.safe_load(run_config.read_text())["data"]["cache_dir"])
     features = cache.read().view(len(cache), 3, 4, -1)
-    direct = leave_one_attack_out(features, cache.labels, cache.column("attack"), top_k=4,
-                                  detector=LogisticDetector(l2=0.01), seed=0)
+    direct = leave_one_attack_out(features, cache.labels, cache.column("attack"),
+                                  LoaoSettings(top_k=4, detector=LogisticDetector(l2=0.01), seed=0))
     assert saved["auroc_mean"] == pytest.approx(direct.auroc_mean, abs=1e-6)
     assert {fold["attack"] for fold in saved["folds"]} == {"text", "figstep", "template"}
     assert saved["auroc_min"] >= 0.95  # the planted signal is shared by every family
@@ -80,3 +81,59 @@ def test_the_detector_is_swapped_from_the_config(run_config, capsys, detector):
     if "group_lasso" in " ".join(detector):
         active = float(summary.split("val/active_heads=")[1].split()[0])
         assert 1 <= active < 12  # the penalty dropped heads, the planted ones stayed
+
+
+def _printed_heads(out: str) -> list[tuple[int, int]]:
+    lines = [line.strip() for line in out.splitlines() if line.strip().startswith("L") and ".H" in line]
+    return [(int(line[1:3]), int(line[5:7])) for line in lines]
+
+
+@pytest.mark.parametrize("selection", [["--data.layers", "[1, 2]"], ["--data.layers", "[1, 2]", "--data.top_k", "2"],
+                                       ["--data.heads", "[[0, 0], [2, 1]]"]], ids=["layers", "top_k", "heads"])
+def test_a_head_planted_at_model_layer_2_is_named_layer_2_everywhere(tmp_path, capsys, selection):
+    features, labels, attacks = planted_features(n=240, layers=3, heads=4, signal_heads=[(2, 1)], strength=3.0)
+    write_cache(tmp_path / "cache", features, labels, attacks)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"default_root_dir": str(tmp_path / "run"), "logger": False},
+                                      "data": {"cache_dir": str(tmp_path / "cache")}}))
+    main(["locate", "--config", str(config), "--top_k", "1", *selection])
+    assert _printed_heads(capsys.readouterr().out) == [(2, 1)]
+    saved = json.loads((tmp_path / "run" / "locate" / "head_ranking.json").read_text())
+    assert 2 in saved["layers"]
+    main(["loao", "--config", str(config), "--top_k", "1", *selection])
+    capsys.readouterr()
+    folds = json.loads((tmp_path / "run" / "loao" / "loao.json").read_text())["folds"]
+    assert all(fold["heads"] == [[2, 1]] for fold in folds)
+
+
+def test_fit_with_a_layer_subset_selects_and_saves_model_layers(tmp_path, capsys):
+    features, labels, attacks = planted_features(n=240, layers=3, heads=4, signal_heads=[(2, 1)], strength=3.0)
+    write_cache(tmp_path / "cache", features, labels, attacks)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"default_root_dir": str(tmp_path / "run"), "max_epochs": 2,
+                                                  "enable_progress_bar": False},
+                                      "data": {"cache_dir": str(tmp_path / "cache"), "layers": [1, 2], "top_k": 1}}))
+    main(["fit", "--config", str(config)])
+    capsys.readouterr()
+    saved = next((tmp_path / "run").rglob("head_ranking.csv")).read_text().splitlines()
+    assert saved[1].split(",")[1:3] == ["2", "1"]
+
+
+def test_a_verbs_options_come_from_its_config_section_and_every_verb_is_listed(run_config, tmp_path, capsys):
+    from sahs.cli import LIGHTNING_VERBS
+    from sahs.commands import VERBS
+
+    config = yaml.safe_load(run_config.read_text())
+    config["loao"] = {"top_k": 1, "output": str(tmp_path / "from_section")}
+    path = tmp_path / "with_section.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["loao", "--config", str(path)])
+    folds = json.loads((tmp_path / "from_section" / "loao.json").read_text())["folds"]
+    assert all(len(fold["heads"]) == 1 for fold in folds)
+    main(["loao", "--config", str(path), "--loao.top_k", "3"])  # the command line overrides the section
+    folds = json.loads((tmp_path / "from_section" / "loao.json").read_text())["folds"]
+    assert all(len(fold["heads"]) == 3 for fold in folds)
+    capsys.readouterr()
+    main(["--help"])
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert listed == [*LIGHTNING_VERBS, *VERBS]

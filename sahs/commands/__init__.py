@@ -1,1 +1,14 @@
-"""``sahs`` verbs beyond fit/validate/test/predict; each reads the same run config as ``sahs fit``."""
+"""``sahs`` verbs beyond fit/validate/test/predict.
+
+Each verb is a thin module ``sahs.commands.<verb>`` with ``main(argv)``. A verb that reads a run
+config may also define ``Options``, a dataclass of its own settings: they form the section ``<verb>:``
+of every run config (``loao: {top_k: 8}``) and are set on the command line as ``--loao.top_k 8``.
+"""
+
+# verb -> one-line description, shown by `sahs --help` (the Lightning verbs come first).
+VERBS: dict[str, str] = {
+    "extract": "fill a run's activation cache over the configured devices (a Lightning predict run)",
+    "locate": "rank every (layer, head) by a probe on that head alone; write the ranking and heatmap",
+    "loao": "leave-one-attack-out generalization of the configured detector, fold by fold",
+    "data": "build a prompt set and save it with its dataset card (`sahs data build --config ...`)",
+}

@@ -6,18 +6,12 @@ Uses the fit config's extraction callback (model, prompts, settings) and trainer
 
 from __future__ import annotations
 
-import argparse
-
-from sahs.commands.run_config import parse
-from sahs.extract.distributed import extract_with_trainer
-
-
-def _arguments(parser: argparse.ArgumentParser) -> None:
-    """``sahs extract`` takes only the run config and its overrides."""
-
 
 def main(argv: list[str]) -> None:
-    _, run = parse("extract", argv, _arguments)
+    from sahs.commands.run_config import parse
+    from sahs.extract.distributed import extract_with_trainer
+
+    _, run = parse("extract", argv)
     if run.extraction is None:
         raise SystemExit("this config has no sahs.callbacks.ActivationExtraction in trainer.callbacks: "
                          "it names no model or prompt set to extract")

@@ -2,48 +2,54 @@
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
-from sahs.commands.run_config import parse
-from sahs.eval.loao import leave_one_attack_out, transfer_matrix
 
+@dataclass
+class Options:
+    """Options of ``sahs loao``.
 
-def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--top_k", type=float, default=None,
-                        help="heads per fold: a count, or a fraction in (0, 1) (default: data.top_k, else 16)")
-    parser.add_argument("--transfer", action="store_true", help="also train on each family and test on each other")
-    parser.add_argument("--output", default=None, help="folder for the results (default: <root_dir>/loao)")
+    Args:
+        top_k: Heads per fold: a count, or a fraction in (0, 1) (default: ``data.top_k``, else 16).
+        transfer: Also train on each family and test on each other (the transfer matrix).
+        output: Folder for the results (default: ``<root_dir>/loao``).
+    """
+
+    top_k: float | None = None
+    transfer: bool = False
+    output: str | None = None
 
 
 def _top_k(option: float | None, configured: int | None) -> int | float:
     if option is None:
         return configured if configured is not None else 16
-    return int(option) if option >= 1 else option
+    return int(option) if option >= 1 else float(option)
 
 
 def main(argv: list[str]) -> None:
-    options, run = parse("loao", argv, _arguments, keep_logger=True)
+    from sahs.commands.run_config import parse
+    from sahs.experiments import LoaoSettings
+    from sahs.experiments.loao import leave_one_attack_out
+    from sahs.experiments.transfer import transfer_matrix
+
+    options, run = parse("loao", argv, keep_logger=True)
     run.ensure_cache()
     datamodule = run.datamodule
-    cache = datamodule.cache
-    layers = datamodule.hparams.layers or cache.layers
-    candidates = [(layer, head) for layer in layers for head in range(cache.layout["num_heads"])]
-    features = cache.read(candidates).view(len(cache), len(layers), cache.layout["num_heads"], -1)
-    labels, attacks = cache.labels, cache.column("attack")
+    layers = datamodule.candidate_layers()
+    features = datamodule.read_layers(layers)
+    labels, attacks, groups = datamodule.labels, datamodule.column("attack"), datamodule.column("group")
     detector = run.module.detector
     if getattr(detector, "head_dim", 0) is None:  # group lasso needs each head's width
-        detector.head_dim = cache.layout["head_dim"]
-    settings = dict(top_k=_top_k(options.top_k, datamodule.hparams.top_k), detector=detector,
-                    seed=run.seed)
-    result = leave_one_attack_out(features, labels, attacks, **settings)
-    for fold in result.folds:  # report model layer indices, not positions in the candidate list
-        fold.heads = [(layers[position], head) for position, head in fold.heads]
+        detector.head_dim = datamodule.head_dim
+    settings = LoaoSettings(top_k=_top_k(options.top_k, datamodule.hparams.top_k), detector=detector, seed=run.seed)
+    result = leave_one_attack_out(features, labels, attacks, settings, layers=layers, groups=groups,
+                                  progress=lambda line: print(f"[sahs] loao {line}", flush=True))
     output = Path(options.output or run.root_dir / "loao")
     result.save(output)
     summary = result.summary()
     if options.transfer:
-        transfer = transfer_matrix(features, labels, attacks, **settings)
+        transfer = transfer_matrix(features, labels, attacks, settings, layers=layers, groups=groups)
         transfer.save(output)
         transfer.plot(output / "transfer.png")
         summary.update({f"transfer/{a}->{b}": float(transfer.auroc[i, j])
@@ -55,5 +61,5 @@ def main(argv: list[str]) -> None:
     for fold in result.folds:
         m = fold.metrics
         print(f"  {fold.attack:<12} auroc={m['auroc']:.4f}  asr={m['asr']:.4f}  pr={m['pr']:.4f}  "
-              f"n_test={fold.n_test}")
+              f"n_test={fold.n_test}  n_removed={fold.n_removed}")
     print(f"[sahs] loao/auroc_mean={result.auroc_mean:.4f}  loao/auroc_min={result.auroc_min:.4f}  ({output})")

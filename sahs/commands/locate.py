@@ -2,28 +2,45 @@
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
-from sahs.commands.run_config import parse
 
+@dataclass
+class Options:
+    """Options of ``sahs locate``.
 
-def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--top_k", type=int, default=10, help="how many of the best heads to print")
-    parser.add_argument("--output", default=None, help="folder for the ranking (default: <root_dir>/locate)")
+    Args:
+        top_k: How many of the best heads to print and box in the heatmap.
+        output: Folder for the ranking (default: ``<root_dir>/locate``).
+    """
+
+    top_k: int = 10
+    output: str | None = None
 
 
 def main(argv: list[str]) -> None:
-    options, run = parse("locate", argv, _arguments)
-    run.datamodule.hparams.top_k = options.top_k
-    run.ensure_cache()  # ranks on the training split while loading
-    ranking = run.datamodule.ranking
+    from sahs.commands.run_config import parse
+    from sahs.eval.probes import rank_heads
+
+    options, run = parse("locate", argv)
+    run.ensure_cache()
+    datamodule = run.datamodule
+    ranking = datamodule.ranking
+    if ranking is None:  # explicit heads, or every head of some layers: rank the candidates here
+        layers = datamodule.candidate_layers()
+        train = datamodule.splits["train"]
+        features = datamodule.read_layers(layers)[train]
+        print(f"[sahs] ranking {features.shape[1] * features.shape[2]} heads on {len(train)} training prompts")
+        ranking = rank_heads(features, datamodule.labels[train], layers=layers, seed=datamodule.hparams.seed,
+                             attacks=datamodule.column("attack")[train.numpy()],
+                             groups=datamodule.column("group")[train.numpy()])
     output = Path(options.output or run.root_dir / "locate")
     ranking.save(output)
-    heatmap = ranking.plot(output / "head_ranking.png")
-    print(f"[sahs] top {options.top_k} heads by held-out probe AUROC (layer, head):")
-    for layer, head in run.datamodule.selected_heads:
-        position = run.datamodule.cache.layers.index(layer)
-        print(f"  L{layer:02d}.H{head:02d}  auroc={float(ranking.auroc[position, head]):.4f}  "
-              f"acc={float(ranking.accuracy[position, head]):.4f}")
+    top = ranking.top(min(options.top_k, ranking.auroc.numel()))
+    heatmap = ranking.plot(output / "head_ranking.png", mark_top=len(top))
+    print(f"[sahs] top {len(top)} heads by held-out probe AUROC (layer, head):")
+    for layer, head in top:
+        auroc, accuracy = ranking.score(layer, head)
+        print(f"  L{layer:02d}.H{head:02d}  auroc={auroc:.4f}  acc={accuracy:.4f}")
     print(f"[sahs] ranking written to {output} (heatmap {heatmap.name})")

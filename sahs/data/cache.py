@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 FORMAT_VERSION = 1
 TENSOR = "activations"
 OWN_ENTRIES = {"fingerprint.json", "manifest.json", "shards"}
-META_COLUMNS = ("id", "label", "attack", "source", "category", "split")
+META_COLUMNS = ("id", "label", "attack", "source", "category", "split", "group")
 
 
 class CacheMissingError(FileNotFoundError):
@@ -200,7 +200,9 @@ def write_manifest(root: Path, records: Iterable[dict[str, Any]]) -> None:
         if record["id"] not in where:
             raise RuntimeError(f"prompt {record['id']!r} has no activations in {root}/shards")
         stem, row = where.pop(record["id"])
-        rows.append({**{c: record.get(c, "") for c in META_COLUMNS}, "shard": stem, "row": row})
+        meta = {c: record.get(c, "") for c in META_COLUMNS}
+        meta["group"] = meta["group"] or meta["id"]  # a prompt of no named request is a request of its own
+        rows.append({**meta, "shard": stem, "row": row})
     manifest = {"format_version": FORMAT_VERSION, "complete": True, "layout": layout, "rows": rows}
     _write_atomic(Path(root) / "manifest.json", json.dumps(manifest).encode())
 
@@ -231,6 +233,11 @@ class ActivationCache:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def columns(self) -> list[str]:
+        """The manifest's per-prompt columns (caches written before request groups lack ``group``)."""
+        return [name for name in self.rows[0] if name not in ("shard", "row")] if self.rows else []
 
     def column(self, name: str) -> list[Any]:
         return [row[name] for row in self.rows]

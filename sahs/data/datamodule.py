@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from sahs.data.cache import ActivationCache
-from sahs.data.splits import stratified_split
+from sahs.data.splits import split_rows
 from sahs.eval.probes import HeadRanking, rank_heads
 
 
@@ -34,8 +35,9 @@ class ActivationDataModule(L.LightningDataModule):
             heads: Explicit ``[layer, head]`` pairs to use; overrides ``layers``.
             layers: Use every head of these layers; all cached layers when both are None.
             top_k: Keep the k heads (within ``layers``) whose per-head probe scores best on the training split.
-            val_fraction: Share of prompts for validation (stratified by label and attack).
-            test_fraction: Share of prompts for test (stratified by label and attack).
+            val_fraction: Share of prompts for validation (stratified by label and attack; a request's
+                forms, when the prompt set groups them, stay on one side of every split).
+            test_fraction: Share of prompts for test (stratified and grouped as validation).
             batch_size: Training batch size; validation and test use the whole split at once.
             num_workers: DataLoader workers (features are in memory, so 0 is usually fastest).
             seed: Seed of the split.
@@ -68,23 +70,45 @@ class ActivationDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.heads is not None:
             return [tuple(pair) for pair in hp.heads]
-        layers = cache.layers if hp.layers is None else hp.layers
-        candidates = [(layer, head) for layer in layers for head in range(cache.layout["num_heads"])]
+        layers = self.candidate_layers(cache)
         if hp.top_k is None:
-            return candidates
+            return [(layer, head) for layer in layers for head in range(cache.layout["num_heads"])]
         # Heads are ranked on the training split only: validation and test never choose them.
         train = self.splits["train"]
-        activations = cache.read(candidates)[train].view(len(train), len(layers), cache.layout["num_heads"], -1)
-        self.ranking = rank_heads(activations, self.labels[train], seed=hp.seed)
-        return [(layers[position], head) for position, head in self.ranking.top(hp.top_k)]
+        rows = train.numpy()
+        self.ranking = rank_heads(self.read_layers(layers, cache)[train], self.labels[train], layers=layers,
+                                  seed=hp.seed, attacks=self.column("attack", cache)[rows],
+                                  groups=self.column("group", cache)[rows])
+        return self.ranking.top(hp.top_k)
+
+    def candidate_layers(self, cache: ActivationCache | None = None) -> list[int]:
+        """Model layers whose heads may be selected: ``layers``, else every cached layer."""
+        cache = cache or self._require_loaded()
+        return list(cache.layers if self.hparams.layers is None else self.hparams.layers)
+
+    def read_layers(self, layers: list[int], cache: ActivationCache | None = None) -> torch.Tensor:
+        """Every head of ``layers`` for all prompts: ``[prompts, len(layers), heads, head_dim]``."""
+        cache = cache or self._require_loaded()
+        num_heads = cache.layout["num_heads"]
+        heads = [(layer, head) for layer in layers for head in range(num_heads)]
+        return cache.read(heads).view(len(cache), len(layers), num_heads, -1)
+
+    def column(self, name: str, cache: ActivationCache | None = None) -> np.ndarray:
+        """A per-prompt manifest column as strings; ``group`` falls back to the prompt id in older caches."""
+        cache = cache or self._require_loaded()
+        if name == "group" and "group" not in cache.columns:
+            name = "id"  # every prompt a request of its own
+        return np.asarray(cache.column(name), dtype=str)
 
     def _split(self, cache: ActivationCache) -> dict[str, torch.Tensor]:
         given = cache.column("split")
         if all(name in ("train", "val", "test") for name in given):  # the prompt set brings its own
             return {name: torch.tensor([i for i, s in enumerate(given) if s == name]) for name in ("train", "val", "test")}
-        strata = [f"{label}/{attack}" for label, attack in zip(cache.column("label"), cache.column("attack"))]
         hp = self.hparams
-        return stratified_split(strata, hp.val_fraction, hp.test_fraction, hp.seed)
+        train, val, test = split_rows(cache.labels, [hp.val_fraction, hp.test_fraction], hp.seed,
+                                      attacks=cache.column("attack"), groups=self.column("group", cache),
+                                      part="the cached prompts")
+        return {"train": train, "val": val, "test": test}
 
     def _require_loaded(self) -> ActivationCache:
         if self.cache is None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 ArrayLike = torch.Tensor | np.ndarray | list[float] | list[int]
-CLASS_NAMES = {0: "benign prompts (label 0)", 1: "malicious prompts (label 1)"}
+from sahs.data.splits import CLASS_NAMES  # noqa: F401  (one wording for both modules)
 
 
 def _as_scores(scores: ArrayLike) -> torch.Tensor:

@@ -12,38 +12,21 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from sahs.data.splits import split_rows
 from sahs.eval.heatmap import plot_heatmap
 from sahs.eval.logistic import solve_probes
-from sahs.eval.metrics import CLASS_NAMES, batched_auroc
+from sahs.eval.metrics import batched_auroc
 
 RANKING_JSON = "head_ranking.json"
 RANKING_CSV = "head_ranking.csv"
-
-
-def stratified_split(
-    labels: torch.Tensor, fraction: float, seed: int, part: str = "data"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row indices ``(kept, held_out)``: a seeded ``fraction`` of each class is held out (at least one row)."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
-    labels = torch.as_tensor(labels).cpu()
-    generator = torch.Generator().manual_seed(seed)
-    kept, held_out = [], []
-    for cls in (0, 1):
-        rows = (labels == cls).nonzero().squeeze(1)
-        if len(rows) < 2:
-            raise ValueError(f"{part} needs at least 2 {CLASS_NAMES[cls]} to split, has {len(rows)}")
-        rows = rows[torch.randperm(len(rows), generator=generator)]
-        count = min(max(round(fraction * len(rows)), 1), len(rows) - 1)
-        held_out.append(rows[:count])
-        kept.append(rows[count:])
-    return torch.cat(kept).sort().values, torch.cat(held_out).sort().values
 
 
 def fit_head_probes(
@@ -119,11 +102,21 @@ def _holdout_logits(
 
 @dataclass
 class HeadRanking:
-    """Per-head probe scores on held-out rows; ``top(k)`` lists the (layer, head) pairs best first."""
+    """Per-head probe scores on held-out rows, indexed by model layer; ``top(k)`` lists the best heads.
 
-    auroc: torch.Tensor  # [layers, heads]
-    accuracy: torch.Tensor  # [layers, heads]
+    Row ``i`` of ``auroc`` and ``accuracy`` belongs to model layer ``layers[i]``: a ranking over a
+    subset of layers (``data.layers: [12, 13]``) still names the model's own layer numbers.
+    """
+
+    auroc: torch.Tensor  # [len(layers), heads]
+    accuracy: torch.Tensor  # [len(layers), heads]
+    layers: list[int] = field(default_factory=list)  # model layer of each row; 0..L-1 when not given
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.layers = [int(layer) for layer in self.layers] or list(range(self.auroc.shape[0]))
+        if len(self.layers) != self.auroc.shape[0]:
+            raise ValueError(f"{len(self.layers)} layer numbers for a ranking of {self.auroc.shape[0]} layers")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -136,20 +129,26 @@ class HeadRanking:
         return by_accuracy[self.auroc.flatten()[by_accuracy].argsort(descending=True, stable=True)]
 
     def top(self, k: int) -> list[tuple[int, int]]:
-        """The ``k`` best heads as ``(layer, head)`` pairs, best first."""
+        """The ``k`` best heads as model ``(layer, head)`` pairs, best first."""
         if not 1 <= k <= self.auroc.numel():
             raise ValueError(f"k must be in [1, {self.auroc.numel()}], got {k}")
         heads = self.shape[1]
-        return [(int(i) // heads, int(i) % heads) for i in self.order()[:k]]
+        return [(self.layers[int(i) // heads], int(i) % heads) for i in self.order()[:k]]
+
+    def score(self, layer: int, head: int) -> tuple[float, float]:
+        """``(auroc, accuracy)`` of model layer ``layer``'s head ``head``."""
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} was not ranked; the ranking covers layers {self.layers}")
+        row = self.layers.index(layer)
+        return float(self.auroc[row, head]), float(self.accuracy[row, head])
 
     def save(self, directory: str | Path) -> Path:
         """Write ``head_ranking.json`` (full matrices) and ``head_ranking.csv`` (one row per head, best first)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        layers, heads = self.shape
         payload = {
-            "layers": layers,
-            "heads": heads,
+            "layers": self.layers,
+            "heads": self.shape[1],
             "auroc": self.auroc.tolist(),
             "accuracy": self.accuracy.tolist(),
             "meta": self.meta,
@@ -158,8 +157,8 @@ class HeadRanking:
         with open(directory / RANKING_CSV, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["rank", "layer", "head", "auroc", "accuracy"])
-            for rank, (layer, head) in enumerate(self.top(layers * heads), start=1):
-                auroc, acc = float(self.auroc[layer, head]), float(self.accuracy[layer, head])
+            for rank, (layer, head) in enumerate(self.top(self.auroc.numel()), start=1):
+                auroc, acc = self.score(layer, head)
                 writer.writerow([rank, layer, head, repr(auroc), repr(acc)])
         return directory / RANKING_JSON
 
@@ -169,10 +168,13 @@ class HeadRanking:
         path = Path(path)
         payload = json.loads((path / RANKING_JSON if path.is_dir() else path).read_text())
         to_tensor = lambda rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
-        return cls(to_tensor(payload["auroc"]), to_tensor(payload["accuracy"]), payload.get("meta", {}))
+        auroc = to_tensor(payload["auroc"])
+        layers = payload["layers"] if isinstance(payload["layers"], list) else list(range(auroc.shape[0]))
+        return cls(auroc, to_tensor(payload["accuracy"]), layers, payload.get("meta", {}))
 
     def plot(self, path: str | Path, mark_top: int = 10) -> Path:
-        """PNG heatmap of probe AUROC, layers x heads, with the ``mark_top`` best heads boxed."""
+        """PNG heatmap of probe AUROC, model layers x heads, with the ``mark_top`` best heads boxed."""
+        marks = [(self.layers.index(layer), head) for layer, head in self.top(min(mark_top, self.auroc.numel()))]
         return plot_heatmap(
             self.auroc,
             path,
@@ -180,7 +182,8 @@ class HeadRanking:
             xlabel="head",
             ylabel="layer",
             colorbar_label="AUROC",
-            marks=self.top(min(mark_top, self.auroc.numel())) if mark_top else (),
+            marks=marks if mark_top else (),
+            yticklabels=[str(layer) for layer in self.layers],
             vmin=0.5,
             vmax=1.0,
         )
@@ -190,6 +193,9 @@ def rank_heads(
     features: torch.Tensor,
     labels: torch.Tensor,
     *,
+    layers: Sequence[int] | None = None,
+    groups: Sequence | np.ndarray | None = None,
+    attacks: Sequence[str] | np.ndarray | None = None,
     holdout_fraction: float = 0.3,
     seed: int = 0,
     l2: float = 1e-2,
@@ -204,8 +210,11 @@ def rank_heads(
     Args:
         features: Activations ``[n, layers, heads, head_dim]`` (float16 or float32).
         labels: ``[n]``, 0 benign and 1 malicious.
-        holdout_fraction: Share of each class held out to score the probes.
-        seed: Seed of the stratified split.
+        layers: Model layer number of each entry of the layer axis (``0..layers-1`` when None).
+        groups: Request id of each row: a request never sits on both sides of the probes' hold-out.
+        attacks: Attack family of each row, to stratify the hold-out by (label, attack).
+        holdout_fraction: Share of each stratum held out to score the probes.
+        seed: Seed of the split.
         l2: Probe penalty ``l2/2 * ||w||^2`` on the mean BCE (as ``LogisticDetector``).
         max_iter: Most iterations of a probe (conjugate-gradient steps, then Newton steps after 15).
         tol: A probe stops when its predicted loss decrease (half its preconditioned squared gradient) is below this.
@@ -219,8 +228,12 @@ def rank_heads(
     if features.ndim != 4 or labels.shape != features.shape[:1]:
         shapes = f"{tuple(features.shape)} and {tuple(labels.shape)}"
         raise ValueError(f"need features [n, layers, heads, head_dim] and labels [n], got {shapes}")
+    layers_given = layers
     n, layers, heads, head_dim = features.shape
-    fit_rows, holdout_rows = stratified_split(labels, holdout_fraction, seed, part="head ranking rows")
+    if layers_given is not None and len(layers_given) != layers:
+        raise ValueError(f"{len(layers_given)} layer numbers given for features with {layers} layers")
+    fit_rows, holdout_rows = split_rows(labels, [holdout_fraction], seed, attacks=attacks, groups=groups,
+                                        part="head ranking rows", both_classes=True)
     flat = features.reshape(n, layers * heads, head_dim)
     y_fit, y_holdout = labels[fit_rows].float(), labels[holdout_rows]
     device = features.device if device is None else torch.device(device)
@@ -230,4 +243,5 @@ def rank_heads(
     accuracy = ((logits >= 0) == y_holdout.bool()).double().mean(dim=1)
     meta = dict(n_fit=len(fit_rows), n_holdout=len(holdout_rows), holdout_fraction=holdout_fraction, seed=seed, l2=l2)
     meta.update(standardize=standardize, head_dim=head_dim)
-    return HeadRanking(auroc.view(layers, heads), accuracy.view(layers, heads), meta)
+    layer_numbers = list(range(layers)) if layers_given is None else [int(layer) for layer in layers_given]
+    return HeadRanking(auroc.view(layers, heads), accuracy.view(layers, heads), layer_numbers, meta)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from sahs.eval import loao
-from sahs.eval.loao import leave_one_attack_out, transfer_matrix
+from sahs.experiments import LoaoSettings, heads, loao
+from sahs.experiments.loao import leave_one_attack_out
+from sahs.experiments.transfer import transfer_matrix
 from sahs.models.detectors import LogisticDetector, SparseL1Detector
 
 FAMILIES = ("figstep", "hades", "mmsafety", "qr")
@@ -18,7 +19,7 @@ SHARED = {(1, 2): 3.5, (2, 4): 3.0}
 
 def test_shared_signal_generalizes_to_every_held_out_family(make_features) -> None:
     features, labels, attacks = make_features(n=800, signal=SHARED, families=FAMILIES, family_shift=1.0)
-    result = leave_one_attack_out(features, labels, attacks, top_k=2, detector=LogisticDetector(l2=1e-2))
+    result = leave_one_attack_out(features, labels, attacks, LoaoSettings(top_k=2, detector=LogisticDetector(l2=1e-2)))
     assert [fold.attack for fold in result.folds] == sorted(FAMILIES)
     assert result.auroc_mean >= 0.95 and result.auroc_min == min(f.metrics["auroc"] for f in result.folds)
     for fold in result.folds:
@@ -37,9 +38,9 @@ def test_held_out_family_cannot_change_what_its_fold_learns(make_features) -> No
     poisoned_features, poisoned_labels = features.clone(), labels.clone()
     poisoned_features[held_out] = 50 * torch.randn_like(features[held_out])  # other heads, other scale
     poisoned_labels[held_out] = 1 - labels[held_out]
-    kwargs = dict(top_k=3, detector=SparseL1Detector(l1=1e-3), seed=1)
-    clean = leave_one_attack_out(features, labels, attacks, **kwargs)
-    poisoned = leave_one_attack_out(poisoned_features, poisoned_labels, attacks, **kwargs)
+    settings = LoaoSettings(top_k=3, detector=SparseL1Detector(l1=1e-3), seed=1)
+    clean = leave_one_attack_out(features, labels, attacks, settings)
+    poisoned = leave_one_attack_out(poisoned_features, poisoned_labels, attacks, settings)
     a, b = _fold(clean, "hades").model, _fold(poisoned, "hades").model
     assert a.heads == b.heads and a.threshold == b.threshold
     assert torch.equal(a.mean, b.mean) and torch.equal(a.std, b.std)
@@ -54,14 +55,14 @@ def test_rank_heads_never_sees_a_held_out_row(make_features, monkeypatch) -> Non
     features, labels, attacks = make_features(n=300, signal=SHARED, families=FAMILIES[:3])
     family_of_row = {row.numpy().tobytes(): family for row, family in zip(features, attacks)}
     seen: list[list[str]] = []
-    real = loao.rank_heads
+    real = heads.rank_heads
 
     def spy(rows, row_labels, **kwargs):
         seen.append([family_of_row[row.numpy().tobytes()] for row in rows])
         return real(rows, row_labels, **kwargs)
 
-    monkeypatch.setattr(loao, "rank_heads", spy)
-    result = leave_one_attack_out(features, labels, attacks, top_k=2, val_fraction=0.25)
+    monkeypatch.setattr(heads, "rank_heads", spy)
+    result = leave_one_attack_out(features, labels, attacks, LoaoSettings(top_k=2, val_fraction=0.25))
     assert len(seen) == len(result.folds)
     for fold, families in zip(result.folds, seen):
         assert fold.attack not in families
@@ -71,7 +72,7 @@ def test_rank_heads_never_sees_a_held_out_row(make_features, monkeypatch) -> Non
 def test_fold_without_benign_prompts_raises_with_the_family_name(make_features, monkeypatch) -> None:
     features, labels, attacks = make_features(n=300, families=FAMILIES[:3])
     labels[torch.as_tensor(attacks == "mmsafety")] = 1
-    monkeypatch.setattr(loao, "rank_heads", lambda *a, **k: pytest.fail("fitted before checking the folds"))
+    monkeypatch.setattr(heads, "rank_heads", lambda *a, **k: pytest.fail("fitted before checking the folds"))
     with pytest.raises(ValueError, match=r"fold 'mmsafety': the held-out family has no benign prompts"):
         leave_one_attack_out(features, labels, attacks)
 
@@ -79,7 +80,7 @@ def test_fold_without_benign_prompts_raises_with_the_family_name(make_features, 
 def test_top_k_fraction_and_detector_factory(make_features, tmp_path) -> None:
     features, labels, attacks = make_features(n=300, signal=SHARED, families=FAMILIES[:3])
     prototype = SparseL1Detector(l1=1e-2, group_lasso=True, head_dim=8)
-    result = leave_one_attack_out(features, labels, attacks, top_k=0.25, detector=prototype)
+    result = leave_one_attack_out(features, labels, attacks, LoaoSettings(top_k=0.25, detector=prototype))
     assert not prototype.built  # every fold fitted its own clone
     assert all(fold.metrics["num_heads"] == 6 and 1 <= fold.metrics["active_heads"] <= 6 for fold in result.folds)
     summary = result.summary()
@@ -93,7 +94,7 @@ def test_top_k_fraction_and_detector_factory(make_features, tmp_path) -> None:
 def test_transfer_matrix_separates_shared_from_family_specific_signals(make_features, tmp_path) -> None:
     families = FAMILIES[:3]
     features, labels, attacks = make_features(n=600, signal=SHARED, families=families)
-    shared = transfer_matrix(features, labels, attacks, top_k=2)
+    shared = transfer_matrix(features, labels, attacks, LoaoSettings(top_k=2))
     assert shared.families == sorted(families) and shared.auroc.shape == (3, 3)
     assert shared.auroc.min() >= 0.9
     # Now each family's label lives in a head of its own: only the diagonal can be learned.
@@ -101,7 +102,7 @@ def test_transfer_matrix_separates_shared_from_family_specific_signals(make_feat
     for index, family in enumerate(families):
         rows = torch.as_tensor(attacks == family)
         features[rows, index, index, 0] += 3.5 * labels[rows]
-    specific = transfer_matrix(features, labels, attacks, top_k=1)
+    specific = transfer_matrix(features, labels, attacks, LoaoSettings(top_k=1))
     off_diagonal = specific.auroc[~torch.eye(3, dtype=torch.bool)]
     assert specific.auroc.diagonal().min() >= 0.9 and off_diagonal.max() <= 0.75
     assert specific.plot(tmp_path / "transfer.png").stat().st_size > 0

@@ -12,7 +12,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from sahs.eval.probes import HeadRanking, fit_head_probes, rank_heads, stratified_split
+from sahs.data.splits import split_rows
+from sahs.eval.probes import HeadRanking, fit_head_probes, rank_heads
 
 SIGNAL = {(1, 2): 4.0, (3, 0): 2.5, (0, 5): 1.5}  # strongest first
 
@@ -31,7 +32,7 @@ def test_probe_auroc_agrees_with_sklearn_on_sampled_heads(make_features) -> None
     features, labels, _ = make_features(n=500, signal=SIGNAL)
     l2 = 1e-2
     ranking = rank_heads(features, labels, l2=l2, seed=3)
-    fit_rows, holdout_rows = stratified_split(labels, 0.3, seed=3)
+    fit_rows, holdout_rows = split_rows(labels, [0.3], seed=3)
     for layer, head in [(1, 2), (0, 5), (2, 2), (3, 4)]:
         x = features[:, layer, head].numpy()
         scaler = StandardScaler().fit(x[fit_rows])
@@ -79,17 +80,23 @@ def test_save_load_csv_and_plot(make_features, tmp_path) -> None:
     assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
 
 
-def test_stratified_split_is_disjoint_and_keeps_class_shares() -> None:
-    labels = torch.tensor([0] * 70 + [1] * 30)
-    kept, held_out = stratified_split(labels, 0.3, seed=1)
-    assert sorted(torch.cat([kept, held_out]).tolist()) == list(range(100))
-    assert (labels[held_out] == 1).sum() == 9 and (labels[held_out] == 0).sum() == 21
-    assert torch.equal(stratified_split(labels, 0.3, seed=1)[1], held_out)
+def test_a_ranking_over_a_layer_subset_names_model_layers(make_features, tmp_path) -> None:
+    features, labels, _ = make_features(n=400, layers=4, signal={(2, 1): 4.0})
+    ranking = rank_heads(features[:, 1:3], labels, layers=[1, 2])  # the model's layers 1 and 2 only
+    assert ranking.top(1) == [(2, 1)] and ranking.layers == [1, 2]
+    assert ranking.score(2, 1) == (float(ranking.auroc[1, 1]), float(ranking.accuracy[1, 1]))
+    loaded = HeadRanking.load(ranking.save(tmp_path))
+    assert loaded.layers == [1, 2] and loaded.top(3) == ranking.top(3)
+    with open(tmp_path / "head_ranking.csv") as handle:
+        first = next(csv.DictReader(handle))
+    assert (int(first["layer"]), int(first["head"])) == (2, 1)
+    with pytest.raises(KeyError, match="covers layers"):
+        ranking.score(0, 1)
 
 
 def test_bad_input_raises(make_features) -> None:
     features, labels, _ = make_features(n=100)
-    with pytest.raises(ValueError, match="head ranking rows needs at least 2 benign"):
+    with pytest.raises(ValueError, match="head ranking rows: .* no benign prompts"):
         rank_heads(features, torch.ones_like(labels))
     features[3, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="not finite"):
