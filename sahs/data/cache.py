@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 FORMAT_VERSION = 1
 TENSOR = "activations"
-OWN_ENTRIES = {"fingerprint.json", "manifest.json", "shards"}
+OWN_ENTRIES = {"fingerprint.json", "manifest.json", "shards", "rankings"}  # rankings: head rankings kept for reuse
 META_COLUMNS = ("id", "label", "attack", "source", "category", "split", "group")
 
 
@@ -249,8 +249,12 @@ class ActivationCache:
     def all_heads(self) -> list[tuple[int, int]]:
         return [(layer, head) for layer in self.layers for head in range(self.layout["num_heads"])]
 
-    def read(self, heads: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
-        """Activations of ``heads`` (model ``(layer, head)`` pairs; all by default), in manifest order."""
+    def read(self, heads: Sequence[tuple[int, int]] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Activations of ``heads`` (model ``(layer, head)`` pairs; all by default), in manifest order.
+
+        ``dtype=torch.float16`` keeps the stored precision and half the memory (what the head ranking
+        and leave-one-attack-out read: they convert a chunk of heads at a time).
+        """
         heads = list(self.all_heads() if heads is None else heads)
         position = {layer: i for i, layer in enumerate(self.layers)}
         bad = [(l, h) for l, h in heads if l not in position or not 0 <= h < self.layout["num_heads"]]
@@ -263,7 +267,7 @@ class ActivationCache:
         num_heads = self.layout["num_heads"]
         flat = [position[layer] * num_heads + head for layer, head in heads]
         select = None if flat == list(range(len(self.layers) * num_heads)) else torch.tensor(flat)
-        out = torch.empty(len(self.rows), len(heads), self.layout["head_dim"], dtype=torch.float32)
+        out = torch.empty(len(self.rows), len(heads), self.layout["head_dim"], dtype=dtype)
         for stem, pairs in by_shard.items():
             targets, rows = zip(*pairs)
             with safe_open(str(self.root / "shards" / f"{stem}.safetensors"), framework="pt") as handle:
@@ -272,5 +276,5 @@ class ActivationCache:
                 picked = stored if select is None else stored.index_select(1, select)
                 if list(rows) != list(range(len(stored))):  # the manifest skips or reorders some rows
                     picked = picked[torch.tensor(rows)]
-                out[torch.tensor(targets)] = picked.float()
+                out[torch.tensor(targets)] = picked.to(dtype)
         return out

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from sahs.data.cache import ActivationCache
 from sahs.data.splits import split_rows
-from sahs.eval.probes import HeadRanking, rank_heads
+from sahs.eval.probes import HeadRanking
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -73,12 +73,14 @@ class ActivationDataModule(L.LightningDataModule):
         layers = self.candidate_layers(cache)
         if hp.top_k is None:
             return [(layer, head) for layer in layers for head in range(cache.layout["num_heads"])]
-        # Heads are ranked on the training split only: validation and test never choose them.
-        train = self.splits["train"]
-        rows = train.numpy()
-        self.ranking = rank_heads(self.read_layers(layers, cache)[train], self.labels[train], layers=layers,
-                                  seed=hp.seed, attacks=self.column("attack", cache)[rows],
-                                  groups=self.column("group", cache)[rows])
+        # Heads are ranked on the training split only: validation and test never choose them. The
+        # ranking is kept beside the cache and reused by every run with the same rows and settings.
+        from sahs.experiments.rankings import RankingStore  # the store serves experiments and this module
+
+        store = RankingStore.for_cache(cache)
+        features = self.read_layers(layers, cache, dtype=torch.float16)  # stored precision, read in place
+        self.ranking = store.rank(features, self.labels, rows=self.splits["train"], layers=layers, seed=hp.seed,
+                                  attacks=self.column("attack", cache), groups=self.column("group", cache))
         return self.ranking.top(hp.top_k)
 
     def candidate_layers(self, cache: ActivationCache | None = None) -> list[int]:
@@ -86,12 +88,13 @@ class ActivationDataModule(L.LightningDataModule):
         cache = cache or self._require_loaded()
         return list(cache.layers if self.hparams.layers is None else self.hparams.layers)
 
-    def read_layers(self, layers: list[int], cache: ActivationCache | None = None) -> torch.Tensor:
-        """Every head of ``layers`` for all prompts: ``[prompts, len(layers), heads, head_dim]``."""
+    def read_layers(self, layers: list[int], cache: ActivationCache | None = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Every head of ``layers`` for all prompts: ``[prompts, len(layers), heads, head_dim]`` in ``dtype``."""
         cache = cache or self._require_loaded()
         num_heads = cache.layout["num_heads"]
         heads = [(layer, head) for layer in layers for head in range(num_heads)]
-        return cache.read(heads).view(len(cache), len(layers), num_heads, -1)
+        return cache.read(heads, dtype=dtype).view(len(cache), len(layers), num_heads, -1)
 
     def column(self, name: str, cache: ActivationCache | None = None) -> np.ndarray:
         """A per-prompt manifest column as strings; ``group`` falls back to the prompt id in older caches."""

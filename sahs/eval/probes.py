@@ -142,10 +142,8 @@ class HeadRanking:
         row = self.layers.index(layer)
         return float(self.auroc[row, head]), float(self.accuracy[row, head])
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``head_ranking.json`` (full matrices) and ``head_ranking.csv`` (one row per head, best first)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+    def to_json(self) -> str:
+        """The JSON that ``save`` writes and ``load`` reads (full matrices and meta; no pickle)."""
         payload = {
             "layers": self.layers,
             "heads": self.shape[1],
@@ -153,7 +151,13 @@ class HeadRanking:
             "accuracy": self.accuracy.tolist(),
             "meta": self.meta,
         }
-        (directory / RANKING_JSON).write_text(json.dumps(payload, indent=1))
+        return json.dumps(payload, indent=1)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``head_ranking.json`` (full matrices) and ``head_ranking.csv`` (one row per head, best first)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / RANKING_JSON).write_text(self.to_json())
         with open(directory / RANKING_CSV, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["rank", "layer", "head", "auroc", "accuracy"])
@@ -193,6 +197,7 @@ def rank_heads(
     features: torch.Tensor,
     labels: torch.Tensor,
     *,
+    rows: torch.Tensor | None = None,
     layers: Sequence[int] | None = None,
     groups: Sequence | np.ndarray | None = None,
     attacks: Sequence[str] | np.ndarray | None = None,
@@ -210,6 +215,8 @@ def rank_heads(
     Args:
         features: Activations ``[n, layers, heads, head_dim]`` (float16 or float32).
         labels: ``[n]``, 0 benign and 1 malicious.
+        rows: Rank on these rows only (indices into ``features``, ``labels``, ``groups`` and
+            ``attacks``); the features are read in place, never copied whole. All rows when None.
         layers: Model layer number of each entry of the layer axis (``0..layers-1`` when None).
         groups: Request id of each row: a request never sits on both sides of the probes' hold-out.
         attacks: Attack family of each row, to stratify the hold-out by (label, attack).
@@ -232,8 +239,11 @@ def rank_heads(
     n, layers, heads, head_dim = features.shape
     if layers_given is not None and len(layers_given) != layers:
         raise ValueError(f"{len(layers_given)} layer numbers given for features with {layers} layers")
-    fit_rows, holdout_rows = split_rows(labels, [holdout_fraction], seed, attacks=attacks, groups=groups,
-                                        part="head ranking rows", both_classes=True)
+    rows = torch.arange(n) if rows is None else torch.as_tensor(rows).cpu().long()
+    pick = (lambda values: None if values is None else np.asarray(values)[rows.numpy()])
+    fit_part, holdout_part = split_rows(labels[rows], [holdout_fraction], seed, attacks=pick(attacks),
+                                        groups=pick(groups), part="head ranking rows", both_classes=True)
+    fit_rows, holdout_rows = rows[fit_part], rows[holdout_part]
     flat = features.reshape(n, layers * heads, head_dim)
     y_fit, y_holdout = labels[fit_rows].float(), labels[holdout_rows]
     device = features.device if device is None else torch.device(device)

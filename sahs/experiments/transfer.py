@@ -14,6 +14,7 @@ from sahs.data.splits import split_rows
 from sahs.eval.heatmap import plot_heatmap
 from sahs.experiments.heads import fit_head_detector
 from sahs.experiments.loao import _as_columns
+from sahs.experiments.rankings import RankingStore
 from sahs.experiments.settings import LoaoSettings
 
 
@@ -57,6 +58,7 @@ def transfer_matrix(
     test_fraction: float = 0.3,
     layers: Sequence[int] | None = None,
     groups: Sequence | np.ndarray | None = None,
+    rankings: RankingStore | None = None,
 ) -> TransferResult:
     """Train on one family, test on each family; families ordered as ``np.unique``.
 
@@ -64,6 +66,7 @@ def transfer_matrix(
     and family: a request rendered by several families is on the same side in all of them. Cell
     ``(A, B)`` fits heads, scaler, detector and threshold on A's training part and scores B's test
     part, so each column is measured on the same prompts and no test request is ever trained on.
+    ``rankings`` (a ``RankingStore``) looks up and keeps each family's head ranking.
     """
     features, labels, attacks, groups = _as_columns(features, labels, attacks, groups)
     families = [str(family) for family in np.unique(attacks)]
@@ -73,14 +76,14 @@ def transfer_matrix(
     in_train[train.numpy()] = True
     table = []
     for source in families:
-        rows = np.flatnonzero((attacks == source) & in_train)
+        rows = torch.as_tensor(np.flatnonzero((attacks == source) & in_train))
         fitted = fit_head_detector(
-            features[rows], labels[rows], settings, layers=layers, attacks=attacks[rows],
-            groups=None if groups is None else groups[rows], name=f"family {source!r} training part")
+            features, labels, settings, rows=rows, layers=layers, attacks=attacks, groups=groups,
+            name=f"family {source!r} training part", rank=None if rankings is None else rankings.rank)
         row = []
         for target in families:
             rows = torch.as_tensor(np.flatnonzero((attacks == target) & ~in_train))
-            row.append(fitted.evaluate(features[rows], labels[rows], part=f"family {target!r} test part"))
+            row.append(fitted.evaluate(features, labels, part=f"family {target!r} test part", rows=rows))
         table.append(row)
     auroc = torch.tensor([[cell["auroc"] for cell in row] for row in table], dtype=torch.float64)
     return TransferResult(families, auroc, table)
