@@ -94,21 +94,20 @@ def _cholesky(system: torch.Tensor) -> torch.Tensor:
     raise ValueError("a logistic regression's curvature is not positive definite: features are degenerate")
 
 
-def _system(xx, xw, sw, shift, inv, l2: float) -> torch.Tensor:
-    """Weights-and-bias system of the centered, scaled features from sums of the shifted ones.
+def _system(centered: torch.Tensor, cross: torch.Tensor, corner: torch.Tensor, inv: torch.Tensor,
+            l2: float) -> torch.Tensor:
+    """``[[S C S + l2 I, S c], [c^T S, corner]]`` plus damping, with ``S = diag(inv)``.
 
-    ``xx = x^T W x`` ``[G, D, D]``, ``xw = x^T w`` ``[G, D]``, ``sw = sum(w)`` ``[G]`` for row weights
-    ``w``; ``x - shift`` is centered. Returns ``[[S (xc^T W xc) S + l2 I, S xc^T w], [., sum w]]``
-    with ``S = diag(inv)``, plus damping.
+    ``C = xc^T W xc`` ``[G, D, D]`` (overwritten), ``c = xc^T w`` ``[G, D]`` and ``corner = sum(w)``
+    ``[G]`` for the centered features ``xc`` and row weights ``w``: the weights-and-bias curvature
+    of the scaled features.
     """
-    G, D, _ = xx.shape
-    cross = xw - shift * sw[:, None]  # xc^T w
-    centered = xx.baddbmm(xw[:, :, None], shift[:, None, :], alpha=-1).baddbmm_(shift[:, :, None], cross[:, None, :], alpha=-1)
-    out = xx.new_empty(G, D + 1, D + 1)
-    torch.mul(centered, torch.bmm(inv[:, :, None], inv[:, None, :]), out=out[:, :D, :D])
+    G, D, _ = centered.shape
+    out = centered.new_empty(G, D + 1, D + 1)
+    torch.mul(centered.mul_(inv[:, :, None]), inv[:, None, :], out=out[:, :D, :D])
     out[:, :D, D] = out[:, D, :D] = cross * inv
-    out[:, D, D] = sw
-    ridge = torch.full((D + 1,), l2 + _DAMPING, device=xx.device, dtype=xx.dtype)
+    out[:, D, D] = corner
+    ridge = torch.full((D + 1,), l2 + _DAMPING, device=out.device, dtype=out.dtype)
     ridge[D] = _DAMPING
     out.diagonal(dim1=1, dim2=2).add_(ridge)
     return out
@@ -134,8 +133,9 @@ class _Probes:
             variance[g] = gram[g].diagonal() / n
         scale = variance.clamp_min(0).sqrt().clamp_min(1e-6) if standardize else x.new_ones(G, D)
         self.inv = 1 / scale  # population std, as StandardScaler
-        quarter = x.new_full((G,), 0.25)
-        self.factor = _cholesky(_system(gram.div_(4 * n), mean * 0.25, quarter, mean, self.inv, l2))
+        # The bound: the Gram matrix of the centered features over 4n; centered, they decouple from the bias.
+        centered = gram.baddbmm_(self.shift[:, :, None], self.shift[:, None, :], alpha=-n).div_(4 * n)
+        self.factor = _cholesky(_system(centered, x.new_zeros(G, D), x.new_full((G,), 0.25), self.inv, l2))
         ybar = y.mean().clamp(1e-6, 1 - 1e-6)
         self.theta = x.new_zeros(G, D + 1)  # weights on the scaled, centered features, then the bias
         self.theta[:, D] = torch.log(ybar / (1 - ybar))  # the optimal bias while the weights are 0
@@ -166,8 +166,11 @@ class _Probes:
         w = self.weight / self.n  # [G, n]
         scaled = self.x * w.sqrt()[:, :, None]
         xx = torch.bmm(scaled.transpose(1, 2), scaled)
-        xw = torch.bmm(w[:, None, :], self.x)[:, 0]
-        self.factor = _cholesky(_system(xx, xw, w.sum(1), self.shift, self.inv, self.l2))
+        xw, sw, shift = torch.bmm(w[:, None, :], self.x)[:, 0], w.sum(1), self.shift
+        cross = xw - shift * sw[:, None]  # xc^T w, with xc = x - shift
+        centered = xx.baddbmm_(xw[:, :, None], shift[:, None, :], alpha=-1)
+        centered.baddbmm_(shift[:, :, None], cross[:, None, :], alpha=-1)
+        self.factor = _cholesky(_system(centered, cross, sw, self.inv, self.l2))
         self.direction = None
         self.stretch = torch.ones_like(self.stretch)
 

@@ -48,7 +48,7 @@ class HeadDetector:
     ranking: HeadRanking
 
     def inputs(self, features: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Standardized detector inputs ``[n, k * head_dim]`` from ``[n, layers, heads, head_dim]`` (or its ``rows``)."""
+        """Standardized detector inputs ``[n, k * head_dim]`` from ``[n, layers, heads, head_dim]`` or its ``rows``."""
         return (select_heads(features, self.heads, self.layers, rows) - self.mean) / self.std
 
     def decision_function(self, features: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -90,7 +90,8 @@ class RankingStore:
         """``rank_heads`` with the same arguments, read from the store when it already holds this ranking."""
         features, labels = torch.as_tensor(features), torch.as_tensor(labels).cpu()
         if len(self.ids) != len(labels):
-            raise ValueError(f"the ranking store knows {len(self.ids)} prompt ids, the features have {len(labels)} rows")
+            raise ValueError(f"the ranking store knows {len(self.ids)} prompt ids, "
+                             f"the features have {len(labels)} rows: build it for these features")
         rows = torch.arange(len(labels)) if rows is None else torch.as_tensor(rows).cpu().long()
         layers = list(range(features.shape[1])) if layers is None else [int(layer) for layer in layers]
         device = probe.pop("device", None)
