@@ -190,7 +190,7 @@ def hwm():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 cache = ActivationCache(sys.argv[1])
 baseline = hwm()
-features = cache.read(dtype=torch.float16).view(len(cache), 32, 32, 128)  # what `sahs loao` reads
+features = cache.read(dtype=None).view(len(cache), 32, 32, 128)  # what `sahs loao` reads: float16
 after_read = hwm()
 result = leave_one_attack_out(features, cache.labels, cache.column("attack"), LoaoSettings(top_k=16),
                               rankings=RankingStore.for_cache(cache))

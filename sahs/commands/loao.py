@@ -28,8 +28,6 @@ def _top_k(option: float | None, configured: int | None) -> int | float:
 
 
 def main(argv: list[str]) -> None:
-    import torch
-
     from sahs.commands.run_config import parse
     from sahs.experiments import LoaoSettings
     from sahs.experiments.loao import leave_one_attack_out
@@ -40,7 +38,7 @@ def main(argv: list[str]) -> None:
     run.ensure_cache()
     datamodule = run.datamodule
     layers = datamodule.candidate_layers()
-    features = datamodule.read_layers(layers, dtype=torch.float16)  # stored precision: folds convert what they use
+    features = datamodule.read_layers(layers, dtype=None)  # stored dtype (float16): folds convert what they use
     rankings = RankingStore.for_cache(datamodule.cache)  # a ranking per fold, computed once and kept
     labels, attacks, groups = datamodule.labels, datamodule.column("attack"), datamodule.column("group")
     detector = run.module.detector

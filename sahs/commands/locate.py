@@ -20,8 +20,6 @@ class Options:
 
 
 def main(argv: list[str]) -> None:
-    import torch
-
     from sahs.commands.run_config import parse
     from sahs.experiments.rankings import RankingStore
 
@@ -32,7 +30,7 @@ def main(argv: list[str]) -> None:
     if ranking is None:  # explicit heads, or every head of some layers: rank the candidates here
         layers = datamodule.candidate_layers()
         train = datamodule.splits["train"]
-        features = datamodule.read_layers(layers, dtype=torch.float16)
+        features = datamodule.read_layers(layers, dtype=None)  # the stored dtype; probes convert chunk by chunk
         print(f"[sahs] ranking {features.shape[1] * features.shape[2]} heads on {len(train)} training prompts")
         ranking = RankingStore.for_cache(datamodule.cache).rank(
             features, datamodule.labels, rows=train, layers=layers, seed=datamodule.hparams.seed,

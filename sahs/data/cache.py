@@ -249,11 +249,12 @@ class ActivationCache:
     def all_heads(self) -> list[tuple[int, int]]:
         return [(layer, head) for layer in self.layers for head in range(self.layout["num_heads"])]
 
-    def read(self, heads: Sequence[tuple[int, int]] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def read(self, heads: Sequence[tuple[int, int]] | None = None,
+             dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """Activations of ``heads`` (model ``(layer, head)`` pairs; all by default), in manifest order.
 
-        ``dtype=torch.float16`` keeps the stored precision and half the memory (what the head ranking
-        and leave-one-attack-out read: they convert a chunk of heads at a time).
+        ``dtype=None`` keeps the stored dtype (float16 from an extraction: half the memory of float32),
+        as the head ranking and leave-one-attack-out read it; they convert a chunk of heads at a time.
         """
         heads = list(self.all_heads() if heads is None else heads)
         position = {layer: i for i, layer in enumerate(self.layers)}
@@ -267,7 +268,7 @@ class ActivationCache:
         num_heads = self.layout["num_heads"]
         flat = [position[layer] * num_heads + head for layer, head in heads]
         select = None if flat == list(range(len(self.layers) * num_heads)) else torch.tensor(flat)
-        out = torch.empty(len(self.rows), len(heads), self.layout["head_dim"], dtype=dtype)
+        out = None
         for stem, pairs in by_shard.items():
             targets, rows = zip(*pairs)
             with safe_open(str(self.root / "shards" / f"{stem}.safetensors"), framework="pt") as handle:
@@ -276,5 +277,9 @@ class ActivationCache:
                 picked = stored if select is None else stored.index_select(1, select)
                 if list(rows) != list(range(len(stored))):  # the manifest skips or reorders some rows
                     picked = picked[torch.tensor(rows)]
-                out[torch.tensor(targets)] = picked.to(dtype)
-        return out
+                if out is None:
+                    shape = (len(self.rows), len(heads), self.layout["head_dim"])
+                    out = torch.empty(shape, dtype=dtype or picked.dtype)
+                out[torch.tensor(targets)] = picked.to(out.dtype)
+        empty = (0, len(heads), self.layout["head_dim"])
+        return out if out is not None else torch.empty(empty, dtype=dtype or torch.float32)

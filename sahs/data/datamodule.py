@@ -78,7 +78,7 @@ class ActivationDataModule(L.LightningDataModule):
         from sahs.experiments.rankings import RankingStore  # the store serves experiments and this module
 
         store = RankingStore.for_cache(cache)
-        features = self.read_layers(layers, cache, dtype=torch.float16)  # stored precision, read in place
+        features = self.read_layers(layers, cache, dtype=None)  # the stored dtype (float16), read in place
         self.ranking = store.rank(features, self.labels, rows=self.splits["train"], layers=layers, seed=hp.seed,
                                   attacks=self.column("attack", cache), groups=self.column("group", cache))
         return self.ranking.top(hp.top_k)
@@ -89,8 +89,11 @@ class ActivationDataModule(L.LightningDataModule):
         return list(cache.layers if self.hparams.layers is None else self.hparams.layers)
 
     def read_layers(self, layers: list[int], cache: ActivationCache | None = None,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Every head of ``layers`` for all prompts: ``[prompts, len(layers), heads, head_dim]`` in ``dtype``."""
+                    dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Every head of ``layers`` for all prompts: ``[prompts, len(layers), heads, head_dim]``.
+
+        ``dtype=None`` keeps the stored dtype (float16 from an extraction).
+        """
         cache = cache or self._require_loaded()
         num_heads = cache.layout["num_heads"]
         heads = [(layer, head) for layer in layers for head in range(num_heads)]
