@@ -49,7 +49,7 @@ class SahsCLI(LightningCLI):
             return
         run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         ranking.save(run_dir)
-        heatmap = ranking.plot(run_dir / "head_ranking.png")
+        heatmap = ranking.plot(run_dir / "head_ranking.png", selected=self.datamodule.selected_heads)
         for logger in self.trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="heads/ranking", images=[str(heatmap)])

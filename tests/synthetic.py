@@ -25,8 +25,8 @@ def planted_features(n: int = 400, layers: int = 3, heads: int = 4, head_dim: in
 
 
 def write_cache(root: Path, features: torch.Tensor, labels: torch.Tensor, attacks: Sequence[str],
-                shard_size: int = 128) -> None:
-    """A finished cache in the on-disk format, as an extraction would leave it."""
+                shard_size: int = 128, splits: Sequence[str] | None = None) -> None:
+    """A finished cache in the on-disk format, as an extraction would leave it; ``splits`` fixes each row's split."""
     n, layers, heads, head_dim = features.shape
     fingerprint = {"format_version": cache_io.FORMAT_VERSION, "model": {"name": "synthetic"}}
     cache_io.prepare_folder(root, fingerprint, rebuild=False)
@@ -38,4 +38,6 @@ def write_cache(root: Path, features: torch.Tensor, labels: torch.Tensor, attack
     writer.close()
     records = [{"id": i, "label": int(y), "attack": a, "source": "synthetic", "category": "none"}
                for i, y, a in zip(ids, labels.tolist(), attacks)]
+    for record, split in zip(records, splits or []):
+        record["split"] = split
     cache_io.write_manifest(root, records)

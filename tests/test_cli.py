@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import csv
+import importlib
+import json
+import struct
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 import torch
+import wandb
 import yaml
 from sklearn.metrics import roc_auc_score
 
@@ -56,7 +61,7 @@ def test_demo_fits_end_to_end_and_reports_the_auroc_it_logged(tmp_path, capsys):
 
     metrics_csv = next((tmp_path / "run").rglob("metrics.csv"))
     columns = next(csv.reader(metrics_csv.open()))
-    assert {"train/loss", "val/auroc", "val/auprc", "val/acc", "test/auroc"} <= set(columns)
+    assert {"train/loss", "val/auroc", "val/auprc", "val/acc@0.5", "val/acc@thr", "test/auroc"} <= set(columns)
 
     main(["fit", "--config", str(config)])  # same config: the cache is reused, no model forward
     assert "activation cache reused" in capsys.readouterr().out
@@ -70,26 +75,85 @@ def yaml_detector(config: Path):
     return LogisticDetector(**spec["init_args"])
 
 
-def test_wandb_offline_logging_works_without_network(tmp_path, monkeypatch):
+def wandb_history(run_file: Path) -> list[dict[str, float]]:
+    """The logged rows of an offline W&B run, read back from its transaction log.
+
+    The ``.wandb`` file is a LevelDB-style log: a 7-byte file header (``:W&B``, magic, version), then
+    32 KiB blocks of records, each with a 7-byte header (crc32, little-endian length, type: 1 whole,
+    2 first, 3 middle, 4 last piece); every record is a ``wandb_internal_pb2.Record``.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", "not a W&B transaction log"
+    rows, position, pending, block = [], 7, b"", 32768
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        length, kind = struct.unpack("<HB", data[position + 4:position + 7])
+        if kind == 0:
+            break
+        piece, position = data[position + 7:position + 7 + length], position + 7 + length
+        pending = piece if kind in (1, 2) else pending + piece
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record.FromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def test_wandb_offline_logging_works_without_network(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     config = trimmed_demo(tmp_path, class_path="lightning.pytorch.loggers.WandbLogger",
                           init_args={"offline": True, "save_dir": str(tmp_path / "wandb"), "project": "sahs-test"})
     main(["fit", "--config", str(config), "--trainer.max_epochs=2"])
-    runs = list((tmp_path / "wandb").rglob("offline-run-*"))
-    assert runs, "no offline W&B run was written"
-    assert any(path.suffix == ".wandb" and path.stat().st_size > 0 for path in runs[0].iterdir())
+    wandb.teardown()  # finish the run and write its log to disk, as leaving the process would
+    printed = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("[sahs] test/"))
+    printed = dict(pair.split("=") for pair in printed.removeprefix("[sahs] ").split())
+    (run_file,) = (tmp_path / "wandb").rglob("offline-run-*/run-*.wandb")
+    history = wandb_history(run_file)
+    validations = [row for row in history if "val/auroc" in row]
+    tests = [row for row in history if "test/auroc" in row]
+    assert len(validations) == 3 and len(tests) == 1  # two epochs and the final validation; one test
+    for name in ("val/auroc", "val/acc@0.5", "val/acc@thr", "val/asr", "val/pr"):
+        assert float(printed[name]) == pytest.approx(validations[-1][name], abs=5e-5), name
+    for name in ("test/auroc", "test/auprc", "test/fpr95", "test/asr", "test/pr"):
+        assert float(printed[name]) == pytest.approx(tests[0][name], abs=5e-5), name
+    assert any("train/loss" in row for row in history)
+
+
+def assert_configured(held: object, spec: dict, where: str) -> None:
+    """Every setting of a config section ``spec`` is what the built object ``held`` holds."""
+    for key, value in spec.items():
+        got = held[key] if isinstance(held, Mapping) else getattr(held, key)
+        if isinstance(value, dict) and "class_path" in value:
+            module, _, name = value["class_path"].rpartition(".")
+            assert type(got) is getattr(importlib.import_module(module), name), f"{where}.{key}"
+            assert_configured(got, value.get("init_args", {}), f"{where}.{key}")
+        elif isinstance(value, dict):
+            assert_configured(got, value, f"{where}.{key}")
+        else:
+            assert got == value, f"{where}.{key}: {got!r} != {value!r}"
 
 
 @pytest.mark.parametrize("config", LIGHTNING_CONFIGS, ids=lambda p: p.name)
-def test_every_config_parses_and_instantiates(config):
+def test_every_config_parses_and_instantiates_what_it_says(config):
     cli = SahsCLI(DetectorModule, ActivationDataModule, parser_kwargs={"parser_mode": "omegaconf"}, run=False,
                   args=["--config", str(config), "--trainer.logger=false"])
-    assert isinstance(cli.model, DetectorModule) and isinstance(cli.datamodule, ActivationDataModule)
-    extraction = [c for c in cli.trainer.callbacks if type(c).__name__ == "ActivationExtraction"]
-    assert len(extraction) == 1
     raw = yaml.safe_load(config.read_text())
-    assert extraction[0].model.name == raw["trainer"]["callbacks"][0]["init_args"]["model"]["name"]
+    # The detector (top_k, layers, heads, lr, ... and its own arguments) and the data selection.
+    assert_configured({"detector": cli.model.detector, **cli.model.hparams}, raw["model"], "model")
+    assert_configured(cli.datamodule.hparams, raw["data"], "data")
+    trainer = {k: v for k, v in raw["trainer"].items() if k not in ("logger", "callbacks", "accelerator", "devices")}
+    assert_configured(cli.trainer, trainer, "trainer")
+    for spec in raw["trainer"]["callbacks"]:  # the extraction (model, prompt set, settings), checkpointing
+        module, _, name = spec["class_path"].rpartition(".")
+        (callback,) = [c for c in cli.trainer.callbacks if type(c) is getattr(importlib.import_module(module), name)]
+        assert_configured(callback, spec["init_args"], name)
+    assert cli.trainer.checkpoint_callback.monitor == "val/auroc"  # a metric the module logs
 
 
 def test_llava_config_prints_without_downloading(capsys):

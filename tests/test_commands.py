@@ -6,13 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from sklearn.metrics import roc_auc_score
 
-from sahs.cli import main
+from sahs.cli import lightning_main, main
 from sahs.data.cache import ActivationCache
 from sahs.experiments import LoaoSettings
 from sahs.experiments.loao import leave_one_attack_out
-from sahs.models.detectors import LogisticDetector
+from sahs.models.detectors import LogisticDetector, MLPDetector, SparseL1Detector
 from tests.synthetic import planted_features, write_cache
 
 PLANTED = [(2, 1), (1, 3)]
@@ -67,20 +69,30 @@ def test_loao_names_the_fold_that_lacks_a_class(tmp_path):
         main(["loao", "--config", str(config)])
 
 
-@pytest.mark.parametrize("detector", [
-    ["--model.detector=sahs.models.detectors.LogisticDetector"],
-    ["--model.detector=sahs.models.detectors.SparseL1Detector", "--model.detector.l1=0.1",
-     "--model.detector.group_lasso=true"],
-    ["--model.detector=sahs.models.detectors.MLPDetector", "--model.detector.hidden=[16]"],
+@pytest.mark.parametrize("detector, expected", [
+    (["--model.detector=sahs.models.detectors.LogisticDetector"], LogisticDetector(l2=0.01)),
+    (["--model.detector=sahs.models.detectors.SparseL1Detector", "--model.detector.l1=0.1",
+      "--model.detector.group_lasso=true"], SparseL1Detector(l1=0.1, group_lasso=True, head_dim=8)),
+    (["--model.detector=sahs.models.detectors.MLPDetector", "--model.detector.hidden=[16]"],
+     MLPDetector(hidden=[16], l2=0.01)),  # the config's l2 carries over to the swapped class
 ], ids=["logistic", "group_lasso", "mlp"])
-def test_the_detector_is_swapped_from_the_config(run_config, capsys, detector):
-    main(["fit", "--config", str(run_config), "--trainer.max_epochs=25", "--trainer.enable_progress_bar=false",
-          "--model.lr=0.03", *detector])  # a later --model.lr in `detector` wins
+def test_the_detector_is_swapped_from_the_config(run_config, capsys, detector, expected):
+    cli = lightning_main(["fit", "--config", str(run_config), "--trainer.max_epochs=25",
+                          "--trainer.enable_progress_bar=false", "--model.lr=0.03", *detector])
+    trained = cli.model.detector
+    assert type(trained) is type(expected) and trained.get_params() == expected.get_params()
+    # The printed figure is the trained module's own (the best checkpoint, which `test` loaded into it).
     summary = next(line for line in capsys.readouterr().out.splitlines() if "test/auroc=" in line)
-    assert float(summary.split("test/auroc=")[1].split()[0]) >= 0.95
-    if "group_lasso" in " ".join(detector):
+    x, y = cli.datamodule.split_tensors("test")
+    with torch.no_grad():
+        scores = torch.sigmoid(cli.model(x))
+    reported = float(summary.split("test/auroc=")[1].split()[0])
+    assert reported == pytest.approx(roc_auc_score(y.numpy(), scores.numpy()), abs=1e-4) and reported >= 0.95
+    if isinstance(expected, SparseL1Detector):
         active = float(summary.split("val/active_heads=")[1].split()[0])
-        assert 1 <= active < 12  # the penalty dropped heads, the planted ones stayed
+        assert active == trained.active_heads() and 1 <= active < 12  # the penalty dropped heads, not the planted ones
+        kept = {cli.datamodule.selected_heads[h] for h in trained.head_norms().nonzero().flatten().tolist()}
+        assert set(PLANTED) <= kept
 
 
 def _printed_heads(out: str) -> list[tuple[int, int]]:

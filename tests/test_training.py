@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from sahs.data.datamodule import ActivationDataModule
-from sahs.models.detectors import LogisticDetector
+from sahs.models.detectors import LogisticDetector, SparseL1Detector
 from sahs.models.module import DetectorModule
 from tests.synthetic import planted_features, write_cache
 
 
+def trainer(epochs: int, **kwargs: object) -> L.Trainer:
+    return L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
 def fit(datamodule: ActivationDataModule, epochs: int = 30) -> tuple[DetectorModule, L.Trainer]:
+    L.seed_everything(0)  # the detector's initial weights and the batch order
     module = DetectorModule(LogisticDetector(l2=1e-3), lr=0.05)
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, datamodule=datamodule)
-    return module, trainer
+    runner = trainer(epochs)
+    runner.fit(module, datamodule=datamodule)
+    return module, runner
 
 
 def test_datamodule_reads_the_selected_heads_and_splits_by_label_and_attack(tmp_path):
@@ -103,3 +111,71 @@ def test_asr_and_pr_use_the_threshold_chosen_on_validation(tmp_path):
     assert float(module.threshold) == pytest.approx(float(threshold))
     assert result["test/asr"] == pytest.approx(float((test_scores[test_y == 1] < threshold).float().mean()))
     assert result["test/pr"] == pytest.approx(float((test_scores[test_y == 0] < threshold).float().mean()))
+
+
+class DecayingSGD(DetectorModule):
+    """The module with an LR scheduler, as a run config's ``lr_scheduler`` would add one; keeps the batches it saw."""
+
+    def __init__(self, *args: object, momentum: float = 0.0, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.momentum = momentum
+        self.batches: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.batches.append((self.current_epoch, batch[0].clone(), batch[1].clone()))
+        return super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.momentum)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_sparse_training_is_proximal_sgd_at_each_steps_learning_rate(tmp_path):
+    features, labels, attacks = planted_features(n=160, signal_heads=[(1, 2)])
+    write_cache(tmp_path, features, labels, attacks)
+    datamodule = ActivationDataModule(str(tmp_path), heads=[[1, 2], [0, 1], [2, 3]], batch_size=24)
+    datamodule.setup("fit")  # 112 training rows: batches of 24, 24, 24, 24, 16
+    L.seed_everything(0)
+    l1, lr, accumulate = 0.1, 0.5, 2
+    detector = SparseL1Detector(l1=l1, group_lasso=True, head_dim=8)
+    detector.build(datamodule.num_features)
+    weight, bias = detector.linear.weight.detach().clone(), detector.linear.bias.detach().clone()
+    module = DecayingSGD(detector, lr=lr)
+    trainer(3, accumulate_grad_batches=accumulate).fit(module, datamodule=datamodule)
+
+    # Replayed by hand: each step averages `accumulate` batches (a short group at the end of an epoch is
+    # still divided by `accumulate`, as Lightning does), takes a gradient step, then shrinks every
+    # head's block at that step's rate; the rate decays by 0.7 a step.
+    mean, std = module.feature_mean, module.feature_std
+    for epoch in range(3):
+        batches = [(x, y) for e, x, y in module.batches if e == epoch]
+        for start in range(0, len(batches), accumulate):
+            w, b = weight.requires_grad_(), bias.requires_grad_()
+            loss = sum(F.binary_cross_entropy_with_logits(((x - mean) / std) @ w[0] + b, y)
+                       for x, y in batches[start:start + accumulate]) / accumulate
+            grad_w, grad_b = torch.autograd.grad(loss, [w, b])
+            blocks = (w - lr * grad_w).detach().view(-1, 8)  # [heads, head_dim]
+            shrink = (1 - lr * l1 * math.sqrt(8) / blocks.norm(dim=1, keepdim=True)).clamp_min(0)
+            weight, bias = (blocks * shrink).view(1, -1), (b - lr * grad_b).detach()
+            lr *= 0.7
+    assert len(module.batches) == 15
+    torch.testing.assert_close(module.detector.linear.weight.detach(), weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(module.detector.linear.bias.detach(), bias, rtol=1e-5, atol=1e-6)
+    assert (weight.view(-1, 8).norm(dim=1) == 0).any()  # a head was dropped: the shrinkage did work
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: DetectorModule(d, optimizer="adam"), r"SparseL1Detector's proximal step needs plain SGD, got Adam"),
+        (lambda d: DecayingSGD(d, momentum=0.9), r"needs SGD without momentum, got momentum=0.9"),
+    ],
+    ids=["adam", "momentum"],
+)
+def test_sparse_training_refuses_optimizers_its_proximal_step_does_not_fit(tmp_path, make, message):
+    features, labels, attacks = planted_features(n=60)
+    write_cache(tmp_path, features, labels, attacks)
+    module = make(SparseL1Detector(l1=1e-3))
+    with pytest.raises(ValueError, match=message + r".*model\.optimizer: sgd"):
+        trainer(1).fit(module, datamodule=ActivationDataModule(str(tmp_path)))

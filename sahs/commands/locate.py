@@ -38,9 +38,9 @@ def main(argv: list[str]) -> None:
     output = Path(options.output or run.root_dir / "locate")
     ranking.save(output)
     top = ranking.top(min(options.top_k, ranking.auroc.numel()))
-    heatmap = ranking.plot(output / "head_ranking.png", mark_top=len(top))
+    heatmap = ranking.plot(output / "head_ranking.png", selected=top)
     print(f"[sahs] top {len(top)} heads by held-out probe AUROC (layer, head):")
     for layer, head in top:
         auroc, accuracy = ranking.score(layer, head)
-        print(f"  L{layer:02d}.H{head:02d}  auroc={auroc:.4f}  acc={accuracy:.4f}")
+        print(f"  L{layer:02d}.H{head:02d}  auroc={auroc:.4f}  acc@0.5={accuracy:.4f}")
     print(f"[sahs] ranking written to {output} (heatmap {heatmap.name})")

@@ -1,4 +1,4 @@
-"""Heatmaps written straight to PNG with matplotlib's Agg canvas (no pyplot, no display needed)."""
+"""Heatmaps built as matplotlib figures on the Agg canvas (no pyplot, no display needed) and saved as PNG."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 
-def plot_heatmap(
+def heatmap_figure(
     values: torch.Tensor,
-    path: str | Path,
     *,
     title: str,
     xlabel: str,
@@ -25,8 +24,10 @@ def plot_heatmap(
     annotate: bool = False,
     vmin: float | None = None,
     vmax: float | None = None,
-) -> Path:
-    """Write ``values`` [rows, cols] as a PNG; ``marks`` (row, col) cells get a box, ``annotate`` prints values."""
+) -> Figure:
+    """``values`` [rows, cols] as a figure: one tick per row and column (labelled by the given labels, else
+    the index), ``marks`` (row, col) cells boxed, values printed with ``annotate``. The colour scale spans
+    the values unless ``vmin``/``vmax`` fix it."""
     values = torch.as_tensor(values, dtype=torch.float64).cpu()
     rows, cols = values.shape
     figure = Figure(figsize=(max(4.0, 0.22 * cols + 2.5), max(3.0, 0.18 * rows + 1.8)), layout="constrained")
@@ -43,13 +44,24 @@ def plot_heatmap(
                 value = float(values[row, col])
                 color = "black" if value > middle else "white"
                 axes.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
-    if xticklabels is not None:
+    if xticklabels is None:
+        axes.set_xticks(range(cols), [str(col) for col in range(cols)])
+    else:
         axes.set_xticks(range(cols), list(xticklabels), rotation=45, ha="right")
-    if yticklabels is not None:
-        axes.set_yticks(range(rows), list(yticklabels))
+    axes.set_yticks(range(rows), [str(row) for row in range(rows)] if yticklabels is None else list(yticklabels))
+    axes.tick_params(labelsize=8 if max(rows, cols) > 16 else 10)
     axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    return figure
+
+
+def save_figure(figure: Figure, path: str | Path) -> Path:
+    """Write ``figure`` as a PNG, creating the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     return path
 
+
+def plot_heatmap(values: torch.Tensor, path: str | Path, **kwargs: object) -> Path:
+    """Write ``heatmap_figure(values, **kwargs)`` as a PNG."""
+    return save_figure(heatmap_figure(values, **kwargs), path)

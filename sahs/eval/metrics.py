@@ -167,12 +167,13 @@ def choose_threshold(
 def detection_report(
     scores: ArrayLike, labels: ArrayLike, threshold: float, part: str = "test"
 ) -> dict[str, float]:
-    """All metrics of one part: ``auroc, auprc, acc, fpr95`` (FPR at 95% TPR), ``asr, pr`` at ``threshold``."""
+    """All metrics of one part: ``auroc, auprc, fpr95`` (FPR at 95% TPR), and at ``threshold`` (the operating
+    point chosen on validation) ``acc@thr, asr, pr``; ``acc@thr`` is named apart from accuracy at probability 0.5."""
     scores, labels = _checked(scores, labels, part)
     return {
         "auroc": auroc(scores, labels, part),
         "auprc": auprc(scores, labels, part),
-        "acc": accuracy(scores, labels, threshold, part),
+        "acc@thr": accuracy(scores, labels, threshold, part),
         "fpr95": fpr_at_tpr(scores, labels, 0.95, part),
         "asr": attack_success_rate(scores, labels, threshold, part),
         "pr": passing_rate(scores, labels, threshold, part),

@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from sahs.data.splits import split_rows
-from sahs.eval.heatmap import plot_heatmap
+from sahs.eval.heatmap import heatmap_figure, save_figure
 from sahs.eval.logistic import solve_probes
 from sahs.eval.metrics import batched_auroc
 
@@ -137,10 +138,13 @@ class HeadRanking:
 
     def score(self, layer: int, head: int) -> tuple[float, float]:
         """``(auroc, accuracy)`` of model layer ``layer``'s head ``head``."""
+        row = self._row(layer)
+        return float(self.auroc[row, head]), float(self.accuracy[row, head])
+
+    def _row(self, layer: int) -> int:
         if layer not in self.layers:
             raise KeyError(f"layer {layer} was not ranked; the ranking covers layers {self.layers}")
-        row = self.layers.index(layer)
-        return float(self.auroc[row, head]), float(self.accuracy[row, head])
+        return self.layers.index(layer)
 
     def to_json(self) -> str:
         """The JSON that ``save`` writes and ``load`` reads (full matrices and meta; no pickle)."""
@@ -176,21 +180,25 @@ class HeadRanking:
         layers = payload["layers"] if isinstance(payload["layers"], list) else list(range(auroc.shape[0]))
         return cls(auroc, to_tensor(payload["accuracy"]), layers, payload.get("meta", {}))
 
-    def plot(self, path: str | Path, mark_top: int = 10) -> Path:
-        """PNG heatmap of probe AUROC, model layers x heads, with the ``mark_top`` best heads boxed."""
-        marks = [(self.layers.index(layer), head) for layer, head in self.top(min(mark_top, self.auroc.numel()))]
-        return plot_heatmap(
+    def figure(self, selected: Sequence[tuple[int, int]] = ()) -> Figure:
+        """Heatmap of probe AUROC, model layers x heads, with the ``selected`` model ``(layer, head)`` pairs boxed.
+
+        The colour scale spans the AUROCs found, so a map near chance (heads below 0.5 included) still
+        shows its spread; the colour bar gives the numbers.
+        """
+        return heatmap_figure(
             self.auroc,
-            path,
             title="Per-head probe AUROC (held-out rows)",
             xlabel="head",
             ylabel="layer",
             colorbar_label="AUROC",
-            marks=marks if mark_top else (),
+            marks=[(self._row(layer), head) for layer, head in selected],
             yticklabels=[str(layer) for layer in self.layers],
-            vmin=0.5,
-            vmax=1.0,
         )
+
+    def plot(self, path: str | Path, selected: Sequence[tuple[int, int]] = ()) -> Path:
+        """Write ``figure(selected)`` as a PNG."""
+        return save_figure(self.figure(selected), path)
 
 
 def rank_heads(

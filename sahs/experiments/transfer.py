@@ -44,8 +44,6 @@ class TransferResult:
             xticklabels=self.families,
             yticklabels=self.families,
             annotate=True,
-            vmin=0.5,
-            vmax=1.0,
         )
 
 

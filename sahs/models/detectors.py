@@ -204,8 +204,8 @@ class SparseL1Detector(_LinearDetector):
 
     ``fit`` runs FISTA (accelerated proximal gradient with backtracking and restarts), whose
     soft-thresholding step sets weights exactly to zero, so ``active_heads()`` counts exact zeros.
-    Minibatch training adds ``penalty()`` to the loss instead; its subgradient leaves weights near
-    but not at zero, so count heads there with a tolerance: ``active_heads(tol=1e-3)``.
+    Minibatch training (``DetectorModule``) is proximal SGD: a plain SGD step on the BCE, then
+    ``proximal_step`` at that step's learning rate, which gives exact zeros too.
     """
 
     def __init__(self, l1: float = 1e-3, group_lasso: bool = False, head_dim: int | None = None) -> None:
@@ -244,7 +244,7 @@ class SparseL1Detector(_LinearDetector):
 
     @torch.no_grad()
     def proximal_step(self, step: float) -> None:
-        """Proximal gradient for minibatch training: shrink the weights after a gradient step of size ``step``."""
+        """Shrink the weights after a plain gradient step of size ``step`` (exact only for that step's own rate)."""
         self.linear.weight[0] = self._prox(self.linear.weight[0], step)
 
     def _prox(self, weight: torch.Tensor, step: float) -> torch.Tensor:

@@ -2,21 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryAveragePrecision
+from torch.utils.data import DataLoader, DistributedSampler
 
-from sahs.eval.metrics import attack_success_rate, choose_threshold, fpr_at_tpr, passing_rate
+from sahs.eval.metrics import accuracy, choose_threshold, detection_report
 from sahs.models.detectors import Detector, LogisticDetector
 
 
-def _metrics(prefix: str) -> MetricCollection:
-    return MetricCollection(
-        {"auroc": BinaryAUROC(), "auprc": BinaryAveragePrecision(), "acc": BinaryAccuracy()}, prefix=prefix)
+def check_proximal_optimizer(optimizer: torch.optim.Optimizer, detector: Detector, precision: str) -> None:
+    """Refuse training where a proximal step of size ``lr`` after each optimizer step is not exact."""
+    name = type(detector).__name__
+    fix = "use model.optimizer: sgd (or auto) with no momentum, or a detector without an L1 penalty"
+    if not isinstance(optimizer, torch.optim.SGD):
+        raise ValueError(f"{name}'s proximal step needs plain SGD, got {type(optimizer).__name__} (per-weight steps "
+                         f"break the soft-thresholding); {fix}")
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0) or group.get("nesterov", False):
+            raise ValueError(f"{name}'s proximal step needs SGD without momentum, got momentum={group['momentum']}; "
+                             f"{fix}")
+    if str(precision).startswith("16"):
+        raise ValueError(f"{name}'s proximal step cannot see the steps that fp16 loss scaling skips "
+                         f"(trainer.precision={precision}); use trainer.precision: 32 or bf16-mixed")
+
+
+def step_size(optimizer: torch.optim.Optimizer, detector: Detector) -> float:
+    """The learning rate of the optimizer step just taken on the detector's weights (after any scheduler)."""
+    mine = {id(p) for p in detector.parameters()}
+    rates = {group["lr"] for group in optimizer.param_groups if any(id(p) in mine for p in group["params"])}
+    if len(rates) != 1:
+        raise ValueError(f"the detector's parameters must share one learning rate for its proximal step, got {rates}")
+    return float(rates.pop())
 
 
 class DetectorModule(L.LightningModule):
@@ -37,7 +57,8 @@ class DetectorModule(L.LightningModule):
             weight_decay: Adam weight decay (prefer the detector's own penalty, which spares the bias).
             standardize: Scale features by mean and std of the training split before the detector.
             optimizer: ``auto`` is Adam, except plain SGD for L1 / group-lasso detectors: their proximal
-                step needs gradient steps of size ``lr``, which Adam's per-weight scaling breaks.
+                step follows each SGD step with the step's own learning rate (so LR schedulers and gradient
+                accumulation stay exact); Adam's per-weight scaling breaks it and is refused for them.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["detector"])
@@ -46,11 +67,9 @@ class DetectorModule(L.LightningModule):
         self.register_buffer("feature_std", torch.ones(0))
         # Operating threshold on the malicious probability, chosen on validation (95% TPR), used on test.
         self.register_buffer("threshold", torch.tensor(0.5))
-        self._scores: list[torch.Tensor] = []
+        self._logits: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
         self.loss = nn.BCEWithLogitsLoss()
-        self.val_metrics = _metrics("val/")
-        self.test_metrics = _metrics("test/")
 
     def setup(self, stage: str) -> None:
         # Shapes come from the data: build once the DataModule knows the selected heads.
@@ -82,44 +101,67 @@ class DetectorModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_epoch=True, on_step=False)
         return loss
 
-    def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
-        if self.detector.proximal:  # L1 / group lasso: exact zeros, so dropped heads are really dropped
-            self.detector.proximal_step(self.hparams.lr)
+    def on_fit_start(self) -> None:
+        if self.detector.proximal:
+            for optimizer in self.trainer.optimizers:
+                check_proximal_optimizer(optimizer, self.detector, self.trainer.precision)
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # L1 / group lasso: exact zeros, so dropped heads are really dropped. Here, not after every batch,
+        # so that accumulated gradients get one shrinkage per step, at the rate that step used.
+        if self.detector.proximal:
+            self.detector.proximal_step(step_size(optimizer, self.detector))
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         x, y = batch
-        logits = self(x)
-        self.log(f"{stage}/loss", self.loss(logits, y), prog_bar=stage == "val")
-        metrics.update(torch.sigmoid(logits), y.long())
-        self.log_dict(metrics, prog_bar=stage == "val")
-        self._scores.append(torch.sigmoid(logits).detach().cpu())
-        self._labels.append(y.detach().cpu().long())
+        self._logits.append(self(x).detach())
+        self._labels.append(y.detach().long())
 
-    def _log_operating_point(self, stage: str) -> None:
-        """FPR at 95% TPR, and the paper's ASR and PR at the threshold chosen on validation."""
-        scores, labels = torch.cat(self._scores), torch.cat(self._labels)
-        self._scores, self._labels = [], []
+    def _whole_split(self, local: torch.Tensor, loader: DataLoader) -> torch.Tensor:
+        """Every row of the split, once and in order, from this rank's share ``local`` [n_local]."""
+        if self.trainer.world_size == 1:
+            return local
+        sampler = loader.sampler
+        if isinstance(sampler, DistributedSampler) and not sampler.shuffle and not sampler.drop_last:
+            # Lightning's evaluation sampler deals row i to rank i % world_size, padding the last round
+            # with the first rows: interleave the shares and drop the padding.
+            gathered = self.all_gather(local)  # [world_size, n_local]
+            return gathered.transpose(0, 1).reshape(-1)[: len(sampler.dataset)]
+        if len(local) == len(loader.dataset):  # no distributed sampler: each rank saw the whole split
+            return local
+        raise ValueError(f"cannot gather the evaluation rows from a {type(sampler).__name__}: keep Lightning's "
+                         "default sampler (trainer.use_distributed_sampler: true) or evaluate on one device")
+
+    def _log_split(self, stage: str, loader: DataLoader) -> None:
+        """Metrics of the whole split, the same on every rank; on validation, choose the threshold (95% TPR)."""
+        logits = self._whole_split(torch.cat(self._logits), loader).float().cpu()
+        labels = self._whole_split(torch.cat(self._labels), loader).cpu()
+        self._logits, self._labels = [], []
+        scores, part = torch.sigmoid(logits), f"the {stage} split"
         if stage == "val":
-            self.threshold.fill_(choose_threshold(scores, labels, part="the validation split"))
-        part = f"the {stage} split"
-        threshold = float(self.threshold)
-        self.log_dict({f"{stage}/fpr95": fpr_at_tpr(scores, labels, part=part),
-                       f"{stage}/asr": attack_success_rate(scores, labels, threshold, part=part),
-                       f"{stage}/pr": passing_rate(scores, labels, threshold, part=part)})
+            self.threshold.fill_(choose_threshold(scores, labels, part=part))
+        metrics = {"loss": float(F.binary_cross_entropy_with_logits(logits, labels.float())),
+                   "acc@0.5": accuracy(scores, labels, 0.5, part),
+                   **detection_report(scores, labels, float(self.threshold), part)}
+        # Every rank holds the same numbers: "max" keeps them exact while syncing.
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, prog_bar=stage == "val" and name in ("loss", "auroc"),
+                     sync_dist=True, reduce_fx="max")
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_metrics)
+        self._evaluate(batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_operating_point("val")
+        self._log_split("val", self.trainer.val_dataloaders)
         if hasattr(self.detector, "active_heads") and getattr(self.detector, "head_dim", None):
-            self.log("val/active_heads", float(self.detector.active_heads()))
+            self.log("val/active_heads", float(self.detector.active_heads()), sync_dist=True, reduce_fx="max")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_metrics)
+        self._evaluate(batch)
 
     def on_test_epoch_end(self) -> None:
-        self._log_operating_point("test")
+        self._log_split("test", self.trainer.test_dataloaders)
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return torch.sigmoid(self(batch[0]))

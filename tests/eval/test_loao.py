@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -25,7 +26,7 @@ def test_shared_signal_generalizes_to_every_held_out_family(make_features) -> No
     for fold in result.folds:
         assert set(fold.heads) == set(SHARED) and fold.metrics["num_heads"] == 2
         assert fold.n_test == np.sum(attacks == fold.attack) and fold.n_train == 800 - fold.n_test
-        assert set(fold.metrics) == {"auroc", "auprc", "acc", "fpr95", "asr", "pr", "num_heads"}
+        assert set(fold.metrics) == {"auroc", "auprc", "acc@thr", "fpr95", "asr", "pr", "num_heads"}
 
 
 def _fold(result: loao.LoaoResult, family: str) -> loao.FoldResult:
@@ -83,12 +84,27 @@ def test_top_k_fraction_and_detector_factory(make_features, tmp_path) -> None:
     result = leave_one_attack_out(features, labels, attacks, LoaoSettings(top_k=0.25, detector=prototype))
     assert not prototype.built  # every fold fitted its own clone
     assert all(fold.metrics["num_heads"] == 6 and 1 <= fold.metrics["active_heads"] <= 6 for fold in result.folds)
+    names = ["auroc", "auprc", "acc@thr", "fpr95", "asr", "pr", "num_heads", "active_heads"]
+    assert sorted(result.folds[0].metrics) == sorted(names)
+    over_folds = {name: [fold.metrics[name] for fold in result.folds] for name in names}
     summary = result.summary()
-    assert summary["loao/auroc_mean"] == result.auroc_mean
-    assert summary["loao/hades/auroc"] == _fold(result, "hades").metrics["auroc"]
+    expected = {"loao/auroc_mean": np.mean(over_folds["auroc"]), "loao/auroc_min": min(over_folds["auroc"])}
+    expected.update({f"loao/{name}_mean": np.mean(over_folds[name]) for name in names if name != "auroc"})
+    expected.update({f"loao/{fold.attack}/{name}": fold.metrics[name] for fold in result.folds for name in names})
+    assert summary == pytest.approx(expected, abs=1e-12)
+
     saved = json.loads(result.save(tmp_path).read_text())
-    assert [fold["attack"] for fold in saved["folds"]] == [fold.attack for fold in result.folds]
-    assert (tmp_path / "loao.csv").read_text().count("\n") == 1 + len(result.folds)
+    assert saved["auroc_mean"] == pytest.approx(np.mean(over_folds["auroc"]))
+    assert saved["auroc_min"] == min(over_folds["auroc"])
+    for entry, fold in zip(saved["folds"], result.folds, strict=True):
+        assert entry == {"attack": fold.attack, "n_train": fold.n_train, "n_test": fold.n_test,
+                         "n_removed": fold.n_removed, "threshold": fold.threshold,
+                         "heads": [list(head) for head in fold.heads], **fold.metrics}
+    with open(tmp_path / "loao.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["attack"] for row in rows] == [fold.attack for fold in result.folds]
+    for row, fold in zip(rows, result.folds):
+        assert {name: float(row[name]) for name in names} == fold.metrics
 
 
 def test_transfer_matrix_separates_shared_from_family_specific_signals(make_features, tmp_path) -> None:

@@ -75,9 +75,19 @@ def test_youden_threshold_matches_roc_curve_argmax() -> None:
 
 def test_report_holds_every_metric() -> None:
     scores, labels = _scores(9)
-    report = metrics.detection_report(scores, labels, threshold=0.5, part="test")
-    assert set(report) == {"auroc", "auprc", "acc", "fpr95", "asr", "pr"}
-    assert report["auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    threshold = 0.8  # neither 0.5 nor the 95%-TPR point: an entry computed at the wrong threshold fails
+    report = metrics.detection_report(scores, labels, threshold=threshold, part="test")
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    expected = {
+        "auroc": roc_auc_score(labels, scores),
+        "auprc": average_precision_score(labels, scores),
+        "acc@thr": accuracy_score(labels, scores >= threshold),
+        "fpr95": fpr[np.searchsorted(tpr, 0.95)],
+        "asr": np.mean(scores[labels == 1] < threshold),
+        "pr": np.mean(scores[labels == 0] < threshold),
+    }
+    assert len({round(value, 6) for value in expected.values()}) == len(expected)  # swapped entries would show
+    assert report == pytest.approx(expected, abs=1e-12)
 
 
 @pytest.mark.parametrize(

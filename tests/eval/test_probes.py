@@ -58,12 +58,15 @@ def test_batched_probe_coefficients_match_sklearn(l2: float) -> None:
 
 def test_chunking_and_float16_do_not_change_the_ranking(make_features) -> None:
     features, labels, _ = make_features(n=300, signal=SIGNAL)
-    features = features.half()
-    whole = rank_heads(features, labels, heads_per_chunk=1000)
-    chunked = rank_heads(features, labels, heads_per_chunk=5)
-    in_float32 = rank_heads(features.float(), labels)
+    in_float32 = rank_heads(features, labels)  # the original activations
+    half = features.half()  # as the cache stores them
+    whole = rank_heads(half, labels, heads_per_chunk=1000)
+    chunked = rank_heads(half, labels, heads_per_chunk=5)
     torch.testing.assert_close(chunked.auroc, whole.auroc, atol=1e-3, rtol=0)
-    torch.testing.assert_close(in_float32.auroc, whole.auroc)
+    # Rounding the activations to float16 moves a probe's held-out AUROC by at most a few of its
+    # about 45 x 45 (benign, malicious) held-out pairs, and leaves the planted heads first.
+    assert (whole.auroc - in_float32.auroc).abs().max() <= 3 / (whole.meta["n_holdout"] / 2) ** 2
+    assert whole.top(3) == in_float32.top(3) == list(SIGNAL)
 
 
 def test_save_load_csv_and_plot(make_features, tmp_path) -> None:
@@ -76,8 +79,36 @@ def test_save_load_csv_and_plot(make_features, tmp_path) -> None:
         rows = list(csv.DictReader(handle))
     assert [(int(r["layer"]), int(r["head"])) for r in rows] == ranking.top(24)
     assert [float(r["auroc"]) for r in rows] == sorted((float(a) for a in ranking.auroc.flatten()), reverse=True)
-    image = imread(ranking.plot(tmp_path / "heads.png"))
+    image = imread(ranking.plot(tmp_path / "heads.png", selected=ranking.top(3)))
     assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_heatmap_boxes_the_selected_heads_on_model_layer_ticks(make_features, k: int) -> None:
+    features, labels, _ = make_features(n=300, signal=SIGNAL)
+    ranking = rank_heads(features, labels, layers=[2, 3, 5, 7])
+    axes = ranking.figure(ranking.top(k)).axes[0]
+    assert [t.get_text() for t in axes.get_yticklabels()] == ["2", "3", "5", "7"]
+    assert list(axes.get_yticks()) == [0, 1, 2, 3] and list(axes.get_xticks()) == list(range(6))
+    assert [t.get_text() for t in axes.get_xticklabels()] == [str(head) for head in range(6)]
+    boxed = [(round(box.get_y() + 0.5), round(box.get_x() + 0.5)) for box in axes.patches]  # (row, column)
+    assert len(boxed) == k and all((box.get_width(), box.get_height()) == (1, 1) for box in axes.patches)
+    assert boxed[:3] == list(SIGNAL)[:k]  # the planted heads, at their rows of the feature axis
+    assert set(boxed) == {(ranking.layers.index(layer), head) for layer, head in ranking.top(k)}
+    with pytest.raises(KeyError, match=r"covers layers \[2, 3, 5, 7\]"):
+        ranking.figure([(1, 2)])
+
+
+def test_heatmap_colour_scale_spans_a_near_chance_map(make_features) -> None:
+    features, labels, _ = make_features(n=300, signal={})
+    ranking = rank_heads(features, labels)
+    image = ranking.figure().axes[0].images[0]
+    low, high = float(ranking.auroc.min()), float(ranking.auroc.max())
+    assert low < 0.5 < high < 0.8  # a map of noise heads
+    assert (image.norm.vmin, image.norm.vmax) == pytest.approx((low, high))
+    assert (image.norm(low), image.norm(high)) == (0, 1)  # the colour map's two ends
+    below_chance = ranking.auroc[ranking.auroc < 0.5].numpy()
+    assert len({tuple(rgba) for rgba in image.to_rgba(below_chance)}) > len(below_chance) / 2  # not one colour
 
 
 def test_a_ranking_over_a_layer_subset_names_model_layers(make_features, tmp_path) -> None:

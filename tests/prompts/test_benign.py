@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import subprocess
+import sys
 from collections import Counter
 
 from sahs.prompts.benign import ALARMING_BUT_SAFE, TOPICS, benign_requests
@@ -31,8 +36,17 @@ def test_alarming_but_safe_requests_are_included() -> None:
     assert len(benign_requests(include_alarming=False)) == len(texts) - sum(len(v) for v in ALARMING_BUT_SAFE.values())
 
 
-def test_deterministic_order() -> None:
-    assert benign_requests() == benign_requests()
+def test_the_same_requests_in_the_same_order_whatever_the_hash_seed() -> None:
+    """String hashing is salted per process (PYTHONHASHSEED): no set or dict order may reach the list."""
+    code = ("import json, dataclasses; from sahs.prompts.benign import benign_requests; "
+            "print(json.dumps([dataclasses.astuple(seed) for seed in benign_requests()]))")
+    runs = []
+    for salt in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": salt}
+        child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+        runs.append(json.loads(child.stdout))
+    here = [list(dataclasses.astuple(seed)) for seed in benign_requests()]
+    assert runs[0] == runs[1] == here
 
 
 def test_no_benign_text_is_also_a_harmful_seed(seed_cache: str) -> None:
