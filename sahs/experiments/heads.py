@@ -26,13 +26,15 @@ def select_heads(features: torch.Tensor, heads: Sequence[tuple[int, int]],
     missing = sorted({layer for layer, _ in heads} - set(layers))
     if missing:
         raise ValueError(f"heads of layers {missing} were asked for, but the features hold layers {layers}")
-    positions = torch.tensor([layers.index(layer) for layer, _ in heads])
-    head_index = torch.tensor([head for _, head in heads])
     features = torch.as_tensor(features)
-    if rows is None:
-        return features[:, positions, head_index].flatten(1).float()
-    rows = torch.as_tensor(rows).long()[:, None]
-    return features[rows, positions[None], head_index[None]].flatten(1).float()  # [rows, k, head_dim] gathered at once
+    n, _, num_heads, head_dim = features.shape
+    flat = features.reshape(n, -1, head_dim)  # a view of a contiguous cache: [n, layers * heads, head_dim]
+    rows = None if rows is None else torch.as_tensor(rows, device=features.device).long()
+    out = torch.empty(n if rows is None else len(rows), len(heads), head_dim, device=features.device)
+    for column, (layer, head) in enumerate(heads):  # one head at a time: a row gather, converted into place
+        picked = flat[:, layers.index(layer) * num_heads + head]
+        out[:, column] = picked if rows is None else picked.index_select(0, rows)
+    return out.flatten(1)
 
 
 @dataclass
@@ -65,6 +67,24 @@ class HeadDetector:
         return metrics
 
 
+def _center_and_scale(x: torch.Tensor, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardize ``x [n, d]`` in place by its column means and population stds (two passes); returns both.
+
+    The squares are summed a block of rows at a time: no ``[n, d]`` temporary, and column sums of a
+    row-major matrix run at memory speed, unlike ``Tensor.std(dim=0)``.
+    """
+    mean = x.mean(dim=0)
+    x.sub_(mean)
+    squares = torch.zeros_like(mean)
+    scratch = torch.empty(min(block, len(x)), x.shape[1], dtype=x.dtype, device=x.device)
+    for start in range(0, len(x), block):
+        rows = x[start : start + block]
+        squares += torch.mul(rows, rows, out=scratch[: len(rows)]).sum(dim=0)
+    std = squares.div_(len(x)).sqrt_().clamp_min_(1e-6)
+    x.div_(std)
+    return mean, std
+
+
 def fit_head_detector(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -95,11 +115,11 @@ def fit_head_detector(
     ranking = (rank or rank_heads)(features, labels, rows=fit_rows, layers=layers, groups=groups, attacks=attacks,
                    seed=settings.seed, l2=settings.probe_l2)
     heads = ranking.top(settings.resolve_top_k(ranking.auroc.numel()))
-    x_fit = select_heads(features, heads, layers, fit_rows)  # [n_fit, k * head_dim]
-    mean, std = x_fit.mean(dim=0), x_fit.std(dim=0, correction=0).clamp_min(1e-6)
+    x_fit = select_heads(features, heads, layers, fit_rows)  # [n_fit, k * head_dim], standardized in place
+    mean, std = _center_and_scale(x_fit)
     with torch.random.fork_rng(devices=[]):  # seeded initialization without touching the caller's RNG
         torch.manual_seed(settings.seed)
-        model = settings.new_detector().fit(x_fit.sub_(mean).div_(std), labels[fit_rows], max_iter=settings.max_iter)
+        model = settings.new_detector().fit(x_fit, labels[fit_rows], max_iter=settings.max_iter)
     val_scores = model.decision_function((select_heads(features, heads, layers, val_rows) - mean) / std)
     threshold = choose_threshold(val_scores, labels[val_rows], settings.threshold_rule, settings.target_tpr,
                                  part=f"{name} (validation)")

@@ -116,3 +116,14 @@ def test_the_cache_keeps_its_rankings_folder_and_a_rebuild_drops_it(tmp_path, mo
     assert cache_io.check_folder(tmp_path, fingerprint, rebuild=False) == []  # still a cache, reusable
     cache_io.prepare_folder(tmp_path, {**fingerprint, "model": {"name": "other"}}, rebuild=True)
     assert not (tmp_path / "rankings").exists()
+
+
+def test_select_heads_on_rows_equals_slicing_a_copy(data) -> None:
+    from sahs.experiments.heads import select_heads
+
+    features = data[0].half()
+    heads, layers, rows = [(12, 5), (10, 0), (12, 1)], [10, 11, 12, 13], torch.tensor([7, 3, 99, 3])
+    expected = torch.cat([features[rows][:, layers.index(layer), head] for layer, head in heads], dim=1)
+    got = select_heads(features, heads, layers, rows)
+    assert got.dtype == torch.float32 and torch.equal(got, expected.float())
+    assert torch.equal(select_heads(features, heads, layers), select_heads(features, heads, layers, torch.arange(240)))
