@@ -14,8 +14,8 @@ step is the best one along its direction.
 - ``solve_lbfgs``: one problem with many features (a detector on the concatenated heads): L-BFGS
   with the same exact line search, no Gram matrix.
 
-Features are centered implicitly (``x - mean`` is never formed) except for problems whose means
-dwarf their spread, where float32 sums would cancel; those are centered in place.
+Features are centered implicitly (``x - mean`` is never formed); ``solve_probes`` centers in place
+the problems whose means dwarf their spread, where float32 sums would cancel.
 """
 
 from __future__ import annotations
