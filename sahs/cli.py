@@ -6,11 +6,13 @@ import importlib
 import sys
 from pathlib import Path
 from collections.abc import Callable
+from typing import Optional
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sahs.commands import VERBS
 from sahs.data.datamodule import ActivationDataModule
+from sahs.models.artifact import DetectorArtifact
 from sahs.models.module import DetectorModule
 
 
@@ -18,14 +20,31 @@ class SahsCLI(LightningCLI):
     """After ``fit``, the best checkpoint is validated and tested, and the AUROC figures printed.
 
     Every verb's own options (``sahs.commands.<verb>.Options``) are a section of the run config, so
-    one YAML can carry ``loao: {top_k: 8}`` and still run ``sahs fit``.
+    one YAML can carry ``loao: {top_k: 8}`` and still run ``sahs fit``. ``predict`` writes one row per
+    prompt through ``sahs.callbacks.PredictionWriter`` (options under ``predictions:``). With
+    ``--ckpt_path`` the DataModule reads the checkpoint's heads from the start.
     """
 
-    def add_arguments_to_parser(self, parser) -> None:
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        from sahs.callbacks import PredictionWriter
         from sahs.commands.run_config import verb_options
+
+        parser.add_argument(
+            "--benchmarks_root", type=Optional[str], default=None,
+            help="Folder holding the downloaded benchmarks; a config refers to it as ${benchmarks_root} (set it in "
+                 "the YAML: the interpolation is resolved when the file is read, before command-line overrides)")
 
         for verb, options in verb_options().items():
             parser.add_class_arguments(options, verb, help=f"options of `sahs {verb}`")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+    def _adopt_checkpoint_heads(self) -> None:
+        # Before the Trainer runs, so that the configured selection (e.g. a top_k ranking) is never computed.
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path not in (None, "best", "last", "hpc", "registry"):
+            self.datamodule.adopt(DetectorArtifact.read_checkpoint(ckpt_path).features)
+
+    before_validate = before_test = before_predict = _adopt_checkpoint_heads
 
     def after_fit(self) -> None:
         if self.trainer.fast_dev_run or self.trainer.interrupted:
@@ -38,8 +57,9 @@ class SahsCLI(LightningCLI):
             for result in run(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False):
                 metrics.update(result)
         if self.trainer.is_global_zero:
-            shown = "  ".join(f"{name}={metrics[name]:.4f}" for name in sorted(metrics) if not name.endswith("loss"))
-            print(f"[sahs] {shown}")
+            overall = sorted(name for name in metrics if name.count("/") == 1 and not name.endswith("loss"))
+            print("[sahs] " + "  ".join(f"{name}={metrics[name]:.4f}" for name in overall))
+            print_by_family(metrics)
 
 
     def _save_ranking(self) -> None:
@@ -53,6 +73,24 @@ class SahsCLI(LightningCLI):
         for logger in self.trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="heads/ranking", images=[str(heatmap)])
+
+
+def print_by_family(metrics: dict[str, float]) -> None:
+    """The ``<stage>/<metric>/<family>`` figures as one table per stage (blank where a family lacks a class)."""
+    for stage in ("val", "test"):
+        rows: dict[str, dict[str, float]] = {}
+        for name, value in metrics.items():
+            parts = name.split("/", 2)
+            if len(parts) == 3 and parts[0] == stage and parts[1] in ("auroc", "asr", "pr"):
+                rows.setdefault(parts[2], {})[parts[1]] = float(value)
+        if not rows:
+            continue
+        width = max(map(len, rows)) + 2
+        print(f"[sahs] {stage} by attack family (ASR and PR at the validation threshold):")
+        for family in sorted(rows):
+            cells = "  ".join(f"{m}={rows[family][m]:.4f}" if m in rows[family] else f"{m}={'-':>6}"
+                              for m in ("auroc", "asr", "pr"))
+            print(f"  {family:<{width}}{cells}")
 
 
 def lightning_main(args: list[str] | None = None) -> SahsCLI:
@@ -74,7 +112,7 @@ LIGHTNING_VERBS = {
     "fit": "extract (or reuse) the cache, train the detector, then validate and test the best checkpoint",
     "validate": "validate a trained detector (--ckpt_path) on the validation split",
     "test": "test a trained detector (--ckpt_path) on the test split",
-    "predict": "score prompts with a trained detector (--ckpt_path)",
+    "predict": "score every prompt (or one split) with a trained detector (--ckpt_path); write predictions.csv",
 }
 
 # Verbs that are not Trainer methods: each takes the rest of the command line.

@@ -25,10 +25,12 @@ def planted_features(n: int = 400, layers: int = 3, heads: int = 4, head_dim: in
 
 
 def write_cache(root: Path, features: torch.Tensor, labels: torch.Tensor, attacks: Sequence[str],
-                shard_size: int = 128, splits: Sequence[str] | None = None) -> None:
-    """A finished cache in the on-disk format, as an extraction would leave it; ``splits`` fixes each row's split."""
+                shard_size: int = 128, splits: Sequence[str] | None = None,
+                groups: Sequence[str] | None = None, model: str = "synthetic") -> None:
+    """A finished cache in the on-disk format, as an extraction of ``model`` would leave it; ``splits`` fixes
+    each row's split, ``groups`` names each row's request (each row its own when None)."""
     n, layers, heads, head_dim = features.shape
-    fingerprint = {"format_version": cache_io.FORMAT_VERSION, "model": {"name": "synthetic"}}
+    fingerprint = {"format_version": cache_io.FORMAT_VERSION, "model": {"name": model}}
     cache_io.prepare_folder(root, fingerprint, rebuild=False)
     layout = {"num_layers": layers, "num_heads": heads, "head_dim": head_dim, "layers": list(range(layers)),
               "family": "synthetic"}
@@ -36,8 +38,8 @@ def write_cache(root: Path, features: torch.Tensor, labels: torch.Tensor, attack
     ids = [f"s{i:05d}" for i in range(n)]
     writer.add(ids, features)
     writer.close()
-    records = [{"id": i, "label": int(y), "attack": a, "source": "synthetic", "category": "none"}
-               for i, y, a in zip(ids, labels.tolist(), attacks)]
+    records = [{"id": i, "label": int(y), "attack": a, "source": "synthetic", "category": "none", "group": g}
+               for i, y, a, g in zip(ids, labels.tolist(), attacks, groups if groups is not None else ids)]
     for record, split in zip(records, splits or []):
         record["split"] = split
     cache_io.write_manifest(root, records)

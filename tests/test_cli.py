@@ -13,6 +13,7 @@ import pytest
 import torch
 import wandb
 import yaml
+from omegaconf import OmegaConf
 from sklearn.metrics import roc_auc_score
 
 from sahs.cli import SahsCLI, main
@@ -135,6 +136,9 @@ def assert_configured(held: object, spec: dict, where: str) -> None:
             assert_configured(got, value.get("init_args", {}), f"{where}.{key}")
         elif isinstance(value, dict):
             assert_configured(got, value, f"{where}.{key}")
+        elif isinstance(value, list) and any(isinstance(item, dict) and "class_path" in item for item in value):
+            assert len(got) == len(value), f"{where}.{key}"  # e.g. a Mixture's sources
+            assert_configured(dict(enumerate(got)), dict(enumerate(value)), f"{where}.{key}")
         else:
             assert got == value, f"{where}.{key}: {got!r} != {value!r}"
 
@@ -143,7 +147,7 @@ def assert_configured(held: object, spec: dict, where: str) -> None:
 def test_every_config_parses_and_instantiates_what_it_says(config):
     cli = SahsCLI(DetectorModule, ActivationDataModule, parser_kwargs={"parser_mode": "omegaconf"}, run=False,
                   args=["--config", str(config), "--trainer.logger=false"])
-    raw = yaml.safe_load(config.read_text())
+    raw = OmegaConf.to_container(OmegaConf.load(config), resolve=True)  # ${benchmarks_root}/... resolved
     # The detector (top_k, layers, heads, lr, ... and its own arguments) and the data selection.
     assert_configured({"detector": cli.model.detector, **cli.model.hparams}, raw["model"], "model")
     assert_configured(cli.datamodule.hparams, raw["data"], "data")
@@ -187,3 +191,26 @@ def test_extract_verb_writes_the_cache_that_fit_reuses(tmp_path, capsys):
 
     main(["fit", "--config", str(config), "--trainer.max_epochs=1"])
     assert "activation cache reused" in capsys.readouterr().out
+
+
+def test_benchmark_mix_config_prints_offline_with_one_root(capsys, monkeypatch):
+    config = str(ROOT / "configs" / "llava_benchmarks.yaml")
+    for root in (None, "/mnt/benchmarks"):
+        if root is None:
+            monkeypatch.delenv("SAHS_BENCHMARKS", raising=False)
+        else:
+            monkeypatch.setenv("SAHS_BENCHMARKS", root)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", config, "--print_config"])
+        assert exit_info.value.code in (0, None)
+        printed = yaml.safe_load(capsys.readouterr().out)
+        expected = root or "/data/benchmarks"
+        assert printed["benchmarks_root"] == expected
+        extraction = printed["trainer"]["callbacks"][0]["init_args"]
+        assert extraction["model"]["name"] == "llava-hf/llava-1.5-7b-hf"
+        sources = extraction["prompts"]["init_args"]["sources"]
+        names = [source["class_path"].rsplit(".", 1)[1] for source in sources]
+        assert names == ["MMSafetyBench", "FigStepSafeBench", "JailbreakV28K", "HADES", "MMVet", "XSTest", "VLGuard"]
+        folders = [source["init_args"].get("root") or source["init_args"]["path"] for source in sources]
+        assert all(folder.startswith(expected + "/") for folder in folders)
+        assert sources[5]["init_args"]["labels"] == ["safe"] and sources[6]["init_args"]["subsets"] == ["safe_safes"]

@@ -64,5 +64,5 @@ def main(argv: list[str]) -> None:
     for fold in result.folds:
         m = fold.metrics
         print(f"  {fold.attack:<12} auroc={m['auroc']:.4f}  asr={m['asr']:.4f}  pr={m['pr']:.4f}  "
-              f"n_test={fold.n_test}  n_removed={fold.n_removed}")
+              f"n_test={fold.n_test}  n_benign_share={fold.n_benign_share}  n_removed={fold.n_removed}")
     print(f"[sahs] loao/auroc_mean={result.auroc_mean:.4f}  loao/auroc_min={result.auroc_min:.4f}  ({output})")

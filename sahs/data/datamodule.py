@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from sahs.data.cache import ActivationCache
+from sahs.data.cache import ActivationCache, CacheMismatchError, fingerprint_diff
+from sahs.data.selection import FeatureSelection, describe_heads, model_name, without_data_keys
 from sahs.data.splits import split_rows
 from sahs.eval.probes import HeadRanking
 
 
 class ActivationDataModule(L.LightningDataModule):
-    """Features are the concatenated activations of the selected heads: ``[prompts, heads * head_dim]``."""
+    """Features are the concatenated activations of the selected heads: ``[prompts, heads * head_dim]``.
+
+    Validation and test batches also carry each prompt's attack family, as an index into
+    ``families``, so that the detector module can report figures per family without knowing the cache.
+
+    ``selection`` describes the features (heads in order, cache fingerprint, split); ``adopt`` takes a trained
+    detector's selection back, so that validate/test/predict with a checkpoint read the heads it was trained on.
+    """
 
     def __init__(
         self,
@@ -28,6 +38,7 @@ class ActivationDataModule(L.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        predict_split: Literal["all", "train", "val", "test"] = "all",
     ) -> None:
         """
         Args:
@@ -41,6 +52,7 @@ class ActivationDataModule(L.LightningDataModule):
             batch_size: Training batch size; validation and test use the whole split at once.
             num_workers: DataLoader workers (features are in memory, so 0 is usually fastest).
             seed: Seed of the split.
+            predict_split: The prompts ``sahs predict`` scores: the whole cache or one split.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -51,6 +63,9 @@ class ActivationDataModule(L.LightningDataModule):
         self.splits: dict[str, torch.Tensor] = {}
         self.features: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
+        self.adopted: FeatureSelection | None = None  # a trained detector's heads, which override the config's
+        self.families: list[str] = []  # attack family names, sorted
+        self.family_index: torch.Tensor | None = None  # [prompts] index into ``families``
 
     def setup(self, stage: str | None = None) -> None:
         # The extraction callback may fill the cache after this hook; it calls ``load`` itself then.
@@ -61,13 +76,19 @@ class ActivationDataModule(L.LightningDataModule):
         """Read the selected heads from the cache and split the prompts."""
         cache = ActivationCache(self.cache_dir)
         self.labels = cache.labels
+        names, index = np.unique(np.asarray(cache.column("attack"), dtype=str), return_inverse=True)
+        self.families, self.family_index = [str(name) for name in names], torch.from_numpy(index.reshape(-1))
         self.splits = self._split(cache)
+        if self.adopted is not None:
+            self._check_cache(cache, self.adopted)
         self.selected_heads = self._select_heads(cache)
         self.features = cache.read(self.selected_heads).flatten(1)  # [prompts, heads * head_dim]
         self.cache = cache
 
     def _select_heads(self, cache: ActivationCache) -> list[tuple[int, int]]:
         hp = self.hparams
+        if self.adopted is not None:
+            return list(self.adopted.heads)
         if hp.heads is not None:
             return [tuple(pair) for pair in hp.heads]
         layers = self.candidate_layers(cache)
@@ -116,6 +137,67 @@ class ActivationDataModule(L.LightningDataModule):
                                       part="the cached prompts")
         return {"train": train, "val": val, "test": test}
 
+    def _split_spec(self, cache: ActivationCache) -> dict[str, Any]:
+        if all(name in ("train", "val", "test") for name in cache.column("split")):
+            return {"given": "by the prompt set"}
+        hp = self.hparams
+        return {"seed": hp.seed, "val_fraction": hp.val_fraction, "test_fraction": hp.test_fraction}
+
+    @property
+    def selection(self) -> FeatureSelection:
+        """The features as a detector records them: heads in order, head layout, cache fingerprint, split."""
+        cache = self._require_loaded()
+        layout = {key: value for key, value in cache.layout.items() if key != "layers"}
+        return FeatureSelection(self.selected_heads, layout, cache.fingerprint or {}, self._split_spec(cache))
+
+    def adopt(self, selection: FeatureSelection) -> None:
+        """Read exactly ``selection``'s heads (a trained detector's), instead of the configured choice.
+
+        Refuses a configured ``heads`` / ``layers`` / ``top_k`` that would give other heads or another order,
+        and a cache made by another model or extraction setting; warns when the split differs from the one
+        the detector was trained on, since validation and test rows may then overlap its training rows.
+        """
+        if selection == self.adopted:
+            return
+        self._check_configured(selection)
+        self.adopted = selection
+        if self.cache is not None:
+            self._check_cache(self.cache, selection)
+            if self.selected_heads != selection.heads:
+                self.selected_heads = list(selection.heads)
+                self.features = self.cache.read(self.selected_heads).flatten(1)
+
+    def _check_configured(self, selection: FeatureSelection) -> None:
+        hp, stored = self.hparams, selection.heads
+        if hp.heads is not None:
+            configured, option = [tuple(pair) for pair in hp.heads], "data.heads"
+        elif hp.layers is not None and hp.top_k is None:
+            num_heads = selection.layout["num_heads"]
+            configured, option = [(layer, head) for layer in hp.layers for head in range(num_heads)], "data.layers"
+        else:
+            configured, option = None, "data.top_k"
+        wrong_top_k = hp.top_k is not None and (hp.top_k != len(stored) or
+                                                (hp.layers is not None and not set(selection.layers) <= set(hp.layers)))
+        if (configured is not None and configured != stored) or (configured is None and wrong_top_k):
+            chosen = describe_heads(configured) if configured is not None else f"top_k={hp.top_k} of layers {hp.layers}"
+            raise ValueError(f"{option} selects {chosen} but the checkpoint's detector was trained on "
+                             f"{describe_heads(stored)}, in that order: drop the selection from the config to "
+                             "use the checkpoint's heads")
+
+    def _check_cache(self, cache: ActivationCache, selection: FeatureSelection) -> None:
+        changed = fingerprint_diff(without_data_keys(selection.fingerprint), without_data_keys(cache.fingerprint))
+        if changed:
+            raise CacheMismatchError(
+                f"the detector was trained on activations of {model_name(selection.fingerprint)} but the cache at "
+                f"{cache.root} holds {model_name(cache.fingerprint)} (differs: {', '.join(changed)}): point "
+                "data.cache_dir at a cache extracted with the detector's model and extraction settings")
+        same_prompts = (cache.fingerprint or {}).get("prompts") == selection.fingerprint.get("prompts")
+        split = self._split_spec(cache)
+        if same_prompts and selection.split and split != selection.split:
+            warnings.warn(f"the split {split} differs from the one this detector was trained with "
+                          f"{selection.split}: validation and test rows may overlap its training rows "
+                          "(set data.seed and the fractions as in training)", UserWarning, stacklevel=3)
+
     def _require_loaded(self) -> ActivationCache:
         if self.cache is None:
             ActivationCache(self.cache_dir)  # raises the error that says how to make the cache
@@ -138,10 +220,20 @@ class ActivationDataModule(L.LightningDataModule):
         return self.features[index], self.labels[index]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        """Training batches are ``(x, y)``; evaluation batches ``(x, y, family index)``, the whole split at once."""
         x, y = self.split_tensors(split)
+        if shuffle:
+            dataset = TensorDataset(x, y.float())
+        else:
+            dataset = TensorDataset(x, y.float(), self.family_index[self.splits[split]])
         batch_size = self.hparams.batch_size if shuffle else max(len(y), 1)
-        return DataLoader(TensorDataset(x, y.float()), batch_size=batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers)
+
+    def predict_rows(self) -> torch.Tensor:
+        """Cache rows that ``predict`` scores, ascending: all, or those of ``predict_split``."""
+        self._require_loaded()
+        split = self.hparams.predict_split
+        return torch.arange(len(self.labels)) if split == "all" else self.splits[split]
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -153,4 +245,7 @@ class ActivationDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        """Batches ``(features, labels, cache rows)``: the rows tell a prediction writer which prompt each score is."""
+        rows = self.predict_rows()
+        return DataLoader(TensorDataset(self.features[rows], self.labels[rows].float(), rows),
+                          batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)

@@ -178,3 +178,29 @@ def detection_report(
         "asr": attack_success_rate(scores, labels, threshold, part),
         "pr": passing_rate(scores, labels, threshold, part),
     }
+
+
+def family_report(
+    scores: ArrayLike, labels: ArrayLike, families: ArrayLike, names: list[str], threshold: float
+) -> dict[str, float]:
+    """Per attack family: ``auroc/<family>``, ``asr/<family>`` and ``pr/<family>`` at ``threshold``.
+
+    ``families`` holds each row's index into ``names``. A family with both labels is scored on its
+    own rows; one with only malicious rows (a jailbreak benchmark) gets its AUROC against all benign
+    rows given, the prompts a filter sees beside it; one with only benign rows gets its PR alone.
+    """
+    scores = _as_scores(scores)
+    labels = _as_labels(labels, scores.numel())
+    families = torch.as_tensor(families).detach().cpu().long()
+    out: dict[str, float] = {}
+    for code in torch.unique(families).tolist():
+        name, rows = names[code], families == code
+        malicious, benign = rows & labels, rows & ~labels
+        if malicious.any():
+            versus = rows if benign.any() else malicious | ~labels
+            if (~labels[versus]).any():
+                out[f"auroc/{name}"] = auroc(scores[versus], labels[versus], part=f"family {name!r}")
+            out[f"asr/{name}"] = float((scores[malicious] < threshold).to(torch.float64).mean())
+        if benign.any():
+            out[f"pr/{name}"] = float((scores[benign] < threshold).to(torch.float64).mean())
+    return out

@@ -58,29 +58,38 @@ def transfer_matrix(
     groups: Sequence | np.ndarray | None = None,
     rankings: RankingStore | None = None,
 ) -> TransferResult:
-    """Train on one family, test on each family; families ordered as ``np.unique``.
+    """Train on one family, test on each family; the families with malicious prompts, ordered as ``np.unique``.
 
     The requests (groups) are split once into a training part and a test part, stratified by label
     and family: a request rendered by several families is on the same side in all of them. Cell
     ``(A, B)`` fits heads, scaler, detector and threshold on A's training part and scores B's test
     part, so each column is measured on the same prompts and no test request is ever trained on.
+    A family with no benign prompts of its own (a jailbreak benchmark) is joined, on each side, by
+    that side's part of the benign-only families (MM-Vet, XSTest-safe, ...), as in LOAO.
     ``rankings`` (a ``RankingStore``) looks up and keeps each family's head ranking.
     """
     features, labels, attacks, groups = _as_columns(features, labels, attacks, groups)
-    families = [str(family) for family in np.unique(attacks)]
+    y = labels.numpy()
+    families = [str(family) for family in np.unique(attacks) if (y[attacks == family] == 1).any()]
+    pooled = ~np.isin(attacks, families)  # rows of the benign-only families
     train, test = split_rows(labels, [test_fraction], settings.seed, attacks=attacks, groups=groups,
                              part="the transfer split")
     in_train = np.zeros(len(labels), dtype=bool)
     in_train[train.numpy()] = True
+
+    def rows_of(family: str) -> np.ndarray:
+        own = attacks == family
+        return own | pooled if not (y[own] == 0).any() else own
+
     table = []
     for source in families:
-        rows = torch.as_tensor(np.flatnonzero((attacks == source) & in_train))
+        rows = torch.as_tensor(np.flatnonzero(rows_of(source) & in_train))
         fitted = fit_head_detector(
             features, labels, settings, rows=rows, layers=layers, attacks=attacks, groups=groups,
             name=f"family {source!r} training part", rank=None if rankings is None else rankings.rank)
         row = []
         for target in families:
-            rows = torch.as_tensor(np.flatnonzero((attacks == target) & ~in_train))
+            rows = torch.as_tensor(np.flatnonzero(rows_of(target) & ~in_train))
             row.append(fitted.evaluate(features, labels, part=f"family {target!r} test part", rows=rows))
         table.append(row)
     auroc = torch.tensor([[cell["auroc"] for cell in row] for row in table], dtype=torch.float64)

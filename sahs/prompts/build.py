@@ -65,7 +65,8 @@ def dataset_card(ds: datasets.Dataset, provenance: dict[str, Provenance], digest
     by_source = Counter(zip(ds["source"], licences))
     parts = [
         "# Prompt set",
-        f"Written by `sahs data build`: {len(ds)} prompts; content hash (`prompt_set_hash`) `{digest}`.",
+        f"Written by `sahs data build`: {len(ds)} prompts rendering {len(set(ds['group']))} distinct requests "
+        f"(the `group` column; splits keep a request on one side); content hash (`prompt_set_hash`) `{digest}`.",
         f"Font for rendered images: `{font_path() or 'Pillow built-in font'}`.",
         "Labels: " + ", ".join(f"{i} = {name}" for i, name in enumerate(LABEL_NAMES)) + ".",
         "## Configuration",

@@ -1,6 +1,8 @@
 """The one schema every prompt set follows, its content hash, and the ``PromptSource`` interface.
 
-A prompt set is a ``datasets.Dataset`` with the columns of ``FEATURES``. Sources are configured
+A prompt set is a ``datasets.Dataset`` with the columns of ``FEATURES``. ``group`` names the
+underlying request: the same question rendered by several attack families (MM-SafetyBench's SD,
+typography and text forms) shares one group, so that splits can keep it on one side. Sources are configured
 from YAML (``class_path`` / ``init_args``), so each one is a class whose typed ``__init__`` is its
 config schema and whose ``load()`` returns such a dataset.
 """
@@ -20,8 +22,8 @@ from typing import Any
 import datasets
 from PIL import Image
 
-COLUMNS = ("id", "text", "image", "label", "attack", "source", "category")
-TEXT_COLUMNS = ("id", "text", "label", "attack", "source", "category")
+COLUMNS = ("id", "text", "image", "label", "attack", "source", "category", "group")
+TEXT_COLUMNS = ("id", "text", "label", "attack", "source", "category", "group")
 LABEL_NAMES = ("benign", "malicious")
 
 FEATURES = datasets.Features(
@@ -33,13 +35,14 @@ FEATURES = datasets.Features(
         "attack": datasets.Value("string"),
         "source": datasets.Value("string"),
         "category": datasets.Value("string"),
+        "group": datasets.Value("string"),  # the underlying request; the id when a prompt is a request of its own
     }
 )
 
 PROVENANCE_FILE = "provenance.jsonl"  # per-row licence and origin, beside a saved set
 
 # Bump when the hashed byte layout changes, so old cache fingerprints stop matching.
-_HASH_VERSION = b"sahs-prompt-set/v1\n"
+_HASH_VERSION = b"sahs-prompt-set/v2\n"  # v2: the group column is hashed
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ def _check_record(record: Mapping[str, Any], position: int) -> str:
     """Validate one record against the schema and return its id (errors name the id)."""
     rid = record.get("id")
     name = repr(rid) if isinstance(rid, str) and rid else f"at position {position}"
-    keys = set(record)
+    keys = set(record) | {"group"}  # optional: a prompt without one is a request of its own
     if keys != set(COLUMNS):
         missing, extra = sorted(set(COLUMNS) - keys), sorted(keys - set(COLUMNS))
         raise ValueError(f"prompt {name}: columns must be {list(COLUMNS)}; missing {missing}, unexpected {extra}")
@@ -68,6 +71,10 @@ def _check_record(record: Mapping[str, Any], position: int) -> str:
     for column in ("attack", "source", "category"):
         if not isinstance(record[column], str) or not record[column]:
             raise ValueError(f"prompt {name}: {column} must be a non-empty string, got {record[column]!r}")
+    group = record.get("group")
+    if group is not None and (not isinstance(group, str) or not group):
+        raise ValueError(f"prompt {name}: group must be None (a request of its own) or a non-empty string, "
+                         f"got {group!r}")
     image = record["image"]
     if image is not None and not isinstance(image, (Image.Image, dict)):
         raise ValueError(f"prompt {name}: image must be None, a PIL image or a {{path, bytes}} dict")
@@ -75,7 +82,7 @@ def _check_record(record: Mapping[str, Any], position: int) -> str:
 
 
 def make_dataset(records: list[dict[str, Any]]) -> datasets.Dataset:
-    """Build a prompt set from row dicts, after checking ids, labels and texts."""
+    """Build a prompt set from row dicts, after checking ids, labels and texts; a missing group is the id."""
     seen: set[str] = set()
     for position, record in enumerate(records):
         rid = _check_record(record, position)
@@ -84,11 +91,18 @@ def make_dataset(records: list[dict[str, Any]]) -> datasets.Dataset:
         seen.add(rid)
     if not records:
         return datasets.Dataset.from_dict({c: [] for c in COLUMNS}, features=FEATURES)
-    return datasets.Dataset.from_list([{c: r[c] for c in COLUMNS} for r in records], features=FEATURES)
+    rows = [{**{c: r.get(c) for c in COLUMNS}, "group": r.get("group") or r["id"]} for r in records]
+    return datasets.Dataset.from_list(rows, features=FEATURES)
 
 
 def check_schema(ds: datasets.Dataset, where: str) -> datasets.Dataset:
-    """Raise unless ``ds`` has exactly the schema's columns and types; ``where`` names it in the error."""
+    """``ds`` if it has exactly the schema's columns and types, else raise; ``where`` names it in the error.
+
+    A set saved before the ``group`` column existed gets one: every prompt a request of its own.
+    """
+    if "group" not in ds.column_names and ds.features == datasets.Features(
+            {c: f for c, f in FEATURES.items() if c != "group"}):
+        ds = ds.add_column("group", ds["id"], feature=FEATURES["group"])
     if ds.features != FEATURES:
         raise ValueError(
             f"{where} does not follow the prompt-set schema: expected columns {dict(FEATURES)}, "
@@ -125,7 +139,7 @@ def prompt_set_hash(ds: datasets.Dataset, batch_size: int = 256) -> str:
     Row order is part of the content: activation caches are stored by row, so a reordered set is a
     different set for them.
     """
-    check_schema(ds, "the dataset to hash")
+    ds = check_schema(ds, "the dataset to hash")
     digest = hashlib.sha256(_HASH_VERSION)
     raw = ds.with_format("arrow")  # undecoded {bytes, path} structs for images; respects select/filter
     for start in range(0, len(ds), batch_size):

@@ -2,11 +2,13 @@
 
 Every family gets both labels in equal measure, so leave-one-attack-out folds are balanced and no
 family gives the label away. By default each request is used by one family only, so no request
-text is shared between a held-out family and the families a detector was trained on.
+text is shared between a held-out family and the families a detector was trained on. Every row's
+``group`` names its request, so with ``share_seeds`` the renderings of one request share a group.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -16,7 +18,7 @@ import datasets
 from sahs.prompts.attacks import ATTACK_FAMILIES, build_attacks
 from sahs.prompts.benign import benign_requests
 from sahs.prompts.schema import PromptSource, Provenance, make_dataset
-from sahs.prompts.seeds import DONOTANSWER_AREAS, SEED_SOURCES, Seed, harmful_seeds
+from sahs.prompts.seeds import DONOTANSWER_AREAS, SEED_SOURCES, Seed, harmful_seeds, normalise
 
 AttackName = Literal["text", "figstep", "typo", "template", "rephrase"]
 SeedSource = Literal["strongreject", "harmbench", "donotanswer"]
@@ -24,12 +26,19 @@ SeedSource = Literal["strongreject", "harmbench", "donotanswer"]
 
 @dataclass(frozen=True)
 class PlannedRow:
-    """One row before rendering: its id, family, label and the request it starts from."""
+    """One row before rendering: its id, family, label, the request it starts from and that request's group."""
 
     id: str
     attack: str
     label: int
     seed: Seed
+    group: str
+
+
+def request_group(prefix: str, label: int, request: str) -> str:
+    """The group of a request: the same text (up to case and spacing) in any family gives the same group."""
+    digest = hashlib.sha256(normalise(request).encode("utf-8")).hexdigest()[:16]
+    return f"{prefix}-{('ben', 'mal')[label]}-{digest}"
 
 
 def split_among(pool: list[Seed], n: int, k: int, share: bool, rng: random.Random, what: str) -> list[list[Seed]]:
@@ -98,7 +107,8 @@ class AttackSet(PromptSource):
         for f, attack in enumerate(self.attacks):
             for label, tag in ((0, "ben"), (1, "mal")):
                 for i, seed in enumerate(pools[label][f]):
-                    rows.append(PlannedRow(f"{self.prefix}-{attack}-{tag}-{i:04d}", attack, label, seed))
+                    rows.append(PlannedRow(f"{self.prefix}-{attack}-{tag}-{i:04d}", attack, label, seed,
+                                           request_group(self.prefix, label, seed.text)))
         return rows
 
     def _rng(self, row: PlannedRow) -> random.Random:
@@ -110,7 +120,8 @@ class AttackSet(PromptSource):
         for row in self.plan():
             prompt = attacks[row.attack].apply(row.seed.text, self._rng(row))
             records.append(dict(id=row.id, text=prompt.text, image=prompt.image, label=row.label,
-                                attack=row.attack, source=row.seed.source, category=row.seed.category))
+                                attack=row.attack, source=row.seed.source, category=row.seed.category,
+                                group=row.group))
         return make_dataset(records)
 
     def provenance(self) -> dict[str, Provenance]:

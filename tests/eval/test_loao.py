@@ -98,7 +98,8 @@ def test_top_k_fraction_and_detector_factory(make_features, tmp_path) -> None:
     assert saved["auroc_min"] == min(over_folds["auroc"])
     for entry, fold in zip(saved["folds"], result.folds, strict=True):
         assert entry == {"attack": fold.attack, "n_train": fold.n_train, "n_test": fold.n_test,
-                         "n_removed": fold.n_removed, "threshold": fold.threshold,
+                         "n_removed": fold.n_removed, "n_benign_share": fold.n_benign_share,
+                         "threshold": fold.threshold,
                          "heads": [list(head) for head in fold.heads], **fold.metrics}
     with open(tmp_path / "loao.csv") as handle:
         rows = list(csv.DictReader(handle))

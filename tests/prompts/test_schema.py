@@ -82,7 +82,8 @@ def test_hash_is_stable_and_sensitive_to_every_field() -> None:
     changed_pixel = _records()
     changed_pixel[1]["image"] = _image((10, 20, 31))
     variants = [changed_pixel]
-    for column, value in [("text", "request b!"), ("label", 0), ("attack", "typo"), ("source", "x"), ("category", "d")]:
+    for column, value in [("text", "request b!"), ("label", 0), ("attack", "typo"), ("source", "x"), ("category", "d"),
+                          ("group", "a")]:
         records = _records()
         records[1][column] = value
         variants.append(records)
@@ -143,3 +144,14 @@ def test_png_bytes_entries_are_accepted() -> None:
     records = _records()
     records[1]["image"] = {"bytes": buffer.getvalue(), "path": None}
     assert prompt_set_hash(make_dataset(records)) == prompt_set_hash(make_dataset(_records()))
+
+
+def test_group_defaults_to_the_id_and_sets_saved_without_it_still_load(tmp_path: Path) -> None:
+    ds = make_dataset([_record("a"), _record("b", group="q1"), _record("c", group="q1")])
+    assert ds["group"] == ["a", "q1", "q1"]
+    with pytest.raises(ValueError, match="'d'.*group"):
+        make_dataset([_record("d", group="")])
+    old = ds.remove_columns("group")  # the layout of sets saved before the group column
+    old.save_to_disk(str(tmp_path / "old"))
+    loaded = SavedPrompts(str(tmp_path / "old")).load()
+    assert loaded.features == FEATURES and loaded["group"] == ["a", "b", "c"]

@@ -58,6 +58,22 @@ def test_families_use_disjoint_requests_unless_shared(seed_cache: str) -> None:
     assert all(shared[a] == shared[families[0]] for a in families)
 
 
+@pytest.mark.parametrize("share", [False, True])
+def test_a_group_is_one_request_in_every_family(seed_cache: str, share: bool) -> None:
+    ds = OfflineAttackSet(n_benign=20, n_malicious=20, attacks=["text", "rephrase"], cache_dir=seed_cache,
+                          share_seeds=share).load()
+    plan = OfflineAttackSet(n_benign=20, n_malicious=20, attacks=["text", "rephrase"], cache_dir=seed_cache,
+                            share_seeds=share).plan()
+    request = {row.id: row.seed.text for row in plan}
+    by_group: dict[str, set[str]] = {}
+    for rid, group in zip(ds["id"], ds["group"]):
+        by_group.setdefault(group, set()).add(request[rid])
+    assert all(len(texts) == 1 for texts in by_group.values())  # one request per group
+    assert len(by_group) == len(set(request.values()))  # and one group per request
+    families_of = Counter(group for group in ds["group"])
+    assert set(families_of.values()) == ({2} if share else {1})  # shared requests: one row per family
+
+
 def test_all_five_families_render_at_the_requested_size(seed_cache: str) -> None:
     ds = OfflineAttackSet(n_benign=10, n_malicious=10, cache_dir=seed_cache, image_size=224).load()
     assert Counter(ds["attack"]) == {a: 4 for a in ATTACK_FAMILIES}

@@ -16,7 +16,8 @@ class VLGuard(BenchmarkSource):
     Layout: ``<split>.json``, a list of {id, image, safe, instr-resp} entries, with the images under
     ``<split>/`` (the unpacked ``<split>.zip``). A safe image carries a ``safe_instruction`` (subset
     safe_safes, label 0) and an ``unsafe_instruction`` (safe_unsafes, label 1); an unsafe image
-    carries an ``instruction`` (unsafes, label 1) and a harmful_category.
+    carries an ``instruction`` (unsafes, label 1) and a harmful_category. The instructions about one
+    image share a group (``vlguard-<split>-<id>``): a split keeps the picture on one side.
     """
 
     benchmark = "vlguard"
@@ -67,6 +68,7 @@ class VLGuard(BenchmarkSource):
                     rows.append(dict(id=f"vlguard-{self.split}-{subset}-{entry['id']}-{n}", text=text,
                                      image=image_file(folder / entry["image"]), label=label, attack=self.attack,
                                      source=self.benchmark, category=category,
+                                     group=f"vlguard-{self.split}-{entry['id']}",
                                      origin=f"{file}#{entry['id']}/{key}/{n}"))
         return rows
 
@@ -75,21 +77,25 @@ class XSTest(BenchmarkSource):
     """XSTest (Röttger et al. 2024): text-only safe prompts that sound unsafe, and unsafe contrasts.
 
     Layout: ``xstest_prompts.csv`` with columns prompt, type, label ("safe" / "unsafe") and optionally
-    id; ``path`` may name the csv itself or the folder holding it.
+    id; ``path`` may name the csv itself or the folder holding it. Each prompt is a request of its own.
     """
 
     benchmark = "xstest"
     home = "https://github.com/paul-rottger/xstest"
     layout = "xstest_prompts.csv with columns id, prompt, type, label"
 
-    def __init__(self, path: str, attack: str = "text") -> None:
+    def __init__(self, path: str, attack: str = "text",
+                 labels: list[Literal["safe", "unsafe"]] = ["safe", "unsafe"]) -> None:
         """
         Args:
             path: The csv file, or the folder holding xstest_prompts.csv.
             attack: Attack family name given to every row.
+            labels: Which prompts to keep: ["safe"] is XSTest-safe, the benign prompts only.
         """
         super().__init__(path, "error")
+        self.path = path
         self.attack = attack
+        self.labels = list(labels)
 
     def rows(self, images: bool = True) -> list[dict[str, Any]]:
         file = self.root_path if self.root_path.suffix == ".csv" else self.root_path / "xstest_prompts.csv"
@@ -97,9 +103,12 @@ class XSTest(BenchmarkSource):
         for line, q in enumerate(self.read_csv(file, "prompt table", ("prompt", "type", "label")), start=2):
             if q["label"] not in ("safe", "unsafe"):
                 raise ValueError(f"{self.benchmark}: {file} row {line} has label {q['label']!r}, not safe/unsafe")
-            rid = q.get("id") or str(line - 1)
-            rows.append(dict(id=f"xstest-{rid}", text=q["prompt"], image=None, label=int(q["label"] == "unsafe"),
-                             attack=self.attack, source=self.benchmark, category=q["type"], origin=f"{file}#row{line}"))
+            if q["label"] not in self.labels:
+                continue
+            rid = f"xstest-{q.get('id') or line - 1}"
+            rows.append(dict(id=rid, text=q["prompt"], image=None, label=int(q["label"] == "unsafe"),
+                             attack=self.attack, source=self.benchmark, category=q["type"], group=rid,
+                             origin=f"{file}#row{line}"))
         return rows
 
 
@@ -107,7 +116,7 @@ class MMVet(BenchmarkSource):
     """MM-Vet (Yu et al. 2024): benign questions about images, testing integrated capabilities (label 0).
 
     Layout: ``mm-vet.json`` mapping ids such as "v1_0" to {imagename, capability, question, answer},
-    with the images under ``images/``.
+    with the images under ``images/``. Each question is a request of its own.
     """
 
     benchmark = "mm-vet"
@@ -132,5 +141,6 @@ class MMVet(BenchmarkSource):
         for key, q in questions.items():
             category = ",".join(q.get("capability", [])) or "unspecified"
             rows.append(dict(id=f"mmvet-{key}", text=q["question"], image=image_file(folder / q["imagename"]), label=0,
-                             attack=self.attack, source=self.benchmark, category=category, origin=f"{file}#{key}"))
+                             attack=self.attack, source=self.benchmark, category=category, group=f"mmvet-{key}",
+                             origin=f"{file}#{key}"))
         return rows

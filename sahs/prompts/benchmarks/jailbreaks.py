@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +44,7 @@ class MMSafetyBench(BenchmarkSource):
     "Rephrased Question", "Rephrased Question(SD)", "Key Phrase"; images are
     ``imgs/<scenario>/{SD,SD_TYPO,TYPO}/<id>.jpg``. SD pairs with "Rephrased Question(SD)", SD_TYPO and
     TYPO with "Rephrased Question", as in the benchmark's evaluation; "text" sends "Question" alone.
+    The variants of one question share its group (``mmsb-<scenario>-<id>``).
     """
 
     benchmark = "mm-safetybench"
@@ -81,7 +83,7 @@ class MMSafetyBench(BenchmarkSource):
                     image = None if folder is None else image_file(folder / f"{qid}.jpg")
                     rows.append(dict(id=f"mmsb-{scenario}-{variant}-{qid}", text=questions[qid][key], image=image,
                                      label=1, attack=attack, source=self.benchmark, category=scenario,
-                                     origin=f"{file}#{qid} ({key})"))
+                                     group=f"mmsb-{scenario}-{qid}", origin=f"{file}#{qid} ({key})"))
         return rows
 
 
@@ -94,6 +96,7 @@ class FigStepSafeBench(BenchmarkSource):
     Layout: ``data/question/safebench.csv`` (columns dataset, category_id, task_id, category_name,
     question, instruction) and ``data/images/SafeBench/query_<dataset>_<category_id>_<task_id>_6.png``
     (SafeBench-Tiny: ``data/question/SafeBench-Tiny.csv`` and ``data/images/SafeBench-Tiny/``).
+    The figstep and text forms of one question share its group (``safebench-<dataset>_<category>_<task>``).
     """
 
     benchmark = "safebench"
@@ -132,7 +135,8 @@ class FigStepSafeBench(BenchmarkSource):
         rows = []
         for line, q in enumerate(table, start=2):
             key = f"{q['dataset']}_{q['category_id']}_{q['task_id']}"
-            common = dict(label=1, source=self.benchmark, category=q["category_name"], origin=f"{file}#row{line}")
+            common = dict(label=1, source=self.benchmark, category=q["category_name"], group=f"safebench-{key}",
+                          origin=f"{file}#row{line}")
             if "figstep" in self.variants:
                 image = image_file(images / f"query_{key}_6.png")
                 rows.append(dict(id=f"safebench-{key}-figstep", text=self.text_prompt, image=image, attack="figstep",
@@ -147,13 +151,20 @@ def _family(name: str) -> str:
     return re.sub(r"[\s_]+", "-", name.strip().lower())
 
 
+def _request_group(request: str) -> str:
+    """One group per harmful request, whatever its spacing or case."""
+    normal = " ".join(request.split()).casefold()
+    return "jailbreakv-" + hashlib.sha256(normal.encode("utf-8")).hexdigest()[:16]
+
+
 class JailbreakV28K(BenchmarkSource):
     """JailBreakV-28K (Luo et al. 2024): jailbreak queries by format (template, persuade, logic, figstep, ...).
 
     Layout: the ``JailBreakV_28K`` folder of the dataset, holding ``JailBreakV_28K.csv`` (columns id,
     jailbreak_query, redteam_query, format, policy, image_path, from, selected_mini,
     transfer_from_llm) and the images at the csv's relative ``image_path``. The attack family is the
-    ``format`` column, lower-cased.
+    ``format`` column, lower-cased. Every format renders the same harmful requests (``redteam_query``):
+    rows of one request share its group (``jailbreakv-`` and a digest of the request).
     """
 
     benchmark = "jailbreakv-28k"
@@ -183,7 +194,7 @@ class JailbreakV28K(BenchmarkSource):
 
     def rows(self, images: bool = True) -> list[dict[str, Any]]:
         file = self.root_path / self.csv_name
-        columns = ("id", "jailbreak_query", "format", "policy", "image_path", "selected_mini")
+        columns = ("id", "jailbreak_query", "redteam_query", "format", "policy", "image_path", "selected_mini")
         rows = []
         for line, q in enumerate(self.read_csv(file, "query table", columns), start=2):
             attack = _family(q["format"])
@@ -193,7 +204,8 @@ class JailbreakV28K(BenchmarkSource):
                 continue
             rows.append(dict(id=f"jailbreakv-{q['id']}", text=q["jailbreak_query"],
                              image=image_file(self.root_path / q["image_path"]), label=1, attack=attack,
-                             source=self.benchmark, category=q["policy"], origin=f"{file}#row{line}"))
+                             source=self.benchmark, category=q["policy"], group=_request_group(q["redteam_query"]),
+                             origin=f"{file}#row{line}"))
         return rows
 
 
@@ -206,6 +218,7 @@ class HADES(BenchmarkSource):
     {category}. " and the instruction with its keywords replaced by "this {category}" (object, concept) or
     "conduct this behavior on" (behavior). Its grammar ("a object", "a this object") is kept as the
     benchmark writes it, so that scores compare with published ones.
+    The optimisation steps of one instruction share its group (``hades-<id>``).
     """
 
     benchmark = "hades"
@@ -243,5 +256,5 @@ class HADES(BenchmarkSource):
             for q in pq.read_table(file, columns=columns, filters=filters).to_pylist():
                 rows.append(dict(id=f"hades-{q['id']}-step{q['step']}", text=self._text(q), image=q.get("image"),
                                  label=1, attack="hades", source=self.benchmark, category=q["scenario"],
-                                 origin=f"{Path(file)}#id={q['id']},step={q['step']}"))
+                                 group=f"hades-{q['id']}", origin=f"{Path(file)}#id={q['id']},step={q['step']}"))
         return rows

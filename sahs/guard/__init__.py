@@ -1,0 +1,5 @@
+"""The guard: a live model plus an exported detector, refusing risky prompts at their first token."""
+
+from sahs.guard.guard import DEFAULT_REFUSAL, DetectorMismatchError, GuardResult, SafetyGuard, model_config_for
+
+__all__ = ["DEFAULT_REFUSAL", "DetectorMismatchError", "GuardResult", "SafetyGuard", "model_config_for"]

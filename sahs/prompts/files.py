@@ -1,0 +1,203 @@
+"""Users' own prompt files: JSONL, CSV, Parquet or a hub dataset, mapped column by column to the schema.
+
+The file is read with ``datasets.load_dataset``; ``columns`` says which of its columns holds each
+schema field, so no file has to be rewritten first. Relative image paths are resolved against the
+file's folder. Every error names the file, the row (counted from 1, header excluded) and the column.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+from PIL import Image
+
+from sahs.prompts.benchmarks.base import OnBadImage, image_problem
+from sahs.prompts.schema import LABEL_NAMES, PromptSource, make_dataset
+
+FileFormat = Literal["auto", "json", "csv", "parquet", "hub"]
+_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class Columns:
+    """Which column of the file holds each schema field; None means the file has no such column.
+
+    Args:
+        text: The prompt text.
+        image: An image path (relative to the file), or an image column of a Parquet / hub dataset.
+        label: The label: 0/1, "benign"/"malicious", or strings mapped by ``labels``.
+        attack: The attack family; without it every row gets ``attack``.
+        group: The underlying request (rows rendering one request share it); without it each row is its own.
+        id: A unique prompt id; without it ids are ``<source>-<row>``.
+        category: The harm category or topic; without it every row gets ``category``.
+    """
+
+    text: str = "text"
+    image: str | None = None
+    label: str | None = "label"
+    attack: str | None = None
+    group: str | None = None
+    id: str | None = None
+    category: str | None = None
+
+
+class PromptFile(PromptSource):
+    """A prompt set of your own: a JSONL, CSV or Parquet file, or a dataset on the hub (or in a local folder)."""
+
+    def __init__(
+        self,
+        path: str,
+        columns: Columns | None = None,
+        labels: dict[str, int] | None = None,
+        label: Literal[0, 1] | None = None,
+        attack: str = "text",
+        category: str = "unspecified",
+        source: str | None = None,
+        format: FileFormat = "auto",
+        split: str = "train",
+        subset: str | None = None,
+        revision: str | None = None,
+        on_bad_image: OnBadImage = "error",
+    ) -> None:
+        """
+        Args:
+            path: The file, or a hub dataset id / dataset folder (read with ``datasets.load_dataset``).
+            columns: Which column holds each schema field (text, image, label, attack, group, id, category).
+            labels: String label -> 0 or 1, e.g. ``{"safe": 0, "unsafe": 1}``; None accepts 0/1 and benign/malicious.
+            label: The label of every row when ``columns.label`` is None (a file of benign prompts only).
+            attack: Attack family of every row when ``columns.attack`` is None.
+            category: Category of every row when ``columns.category`` is None.
+            source: Name in the ``source`` column and id prefix; the file's stem by default.
+            format: "json" (JSON Lines too), "csv", "parquet", "hub", or "auto" from the file suffix.
+            split: Split of a hub dataset to read.
+            subset: Configuration name of a hub dataset.
+            revision: Revision of a hub dataset (a commit hash pins it).
+            on_bad_image: Drop prompts with a missing or unreadable image, with a warning ("skip"), or stop ("error").
+        """
+        self.path = path
+        self.columns = columns if columns is not None else Columns()
+        self.labels = None if labels is None else {str(k): v for k, v in labels.items()}
+        bad = {k: v for k, v in (self.labels or {}).items() if isinstance(v, bool) or v not in (0, 1)}
+        if bad:
+            raise ValueError(f"labels must map to 0 (benign) or 1 (malicious); got {bad}")
+        if self.columns.label is None and label is None:
+            raise ValueError("set columns.label to the file's label column, or label: 0/1 for a file of one class")
+        if on_bad_image not in ("skip", "error"):
+            raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
+        self.label, self.attack, self.category = label, attack, category
+        self.source = source
+        self.format = format
+        self.split, self.subset, self.revision = split, subset, revision
+        self.on_bad_image = on_bad_image
+
+    def _format(self) -> str:
+        if self.format != "auto":
+            return self.format
+        local = Path(self.path).expanduser()
+        return _SUFFIXES.get(local.suffix.lower(), "hub") if local.is_file() else "hub"
+
+    def read(self) -> tuple[datasets.Dataset, Path | None]:
+        """The raw table, and the folder relative image paths are resolved against (None for a hub id)."""
+        fmt = self._format()
+        local = Path(self.path).expanduser()
+        if fmt == "hub":
+            table = datasets.load_dataset(self.path, name=self.subset, split=self.split, revision=self.revision)
+            return table, (local if local.is_dir() else None)
+        if not local.is_file():
+            raise FileNotFoundError(f"prompt file {local} not found; set `path` to a .jsonl, .csv or .parquet file")
+        return datasets.load_dataset(fmt, data_files=str(local), split="train"), local.parent
+
+    def load(self) -> datasets.Dataset:
+        table, base = self.read()
+        where = f"prompt file {self.path}"
+        mapping = {field: name for field, name in vars(self.columns).items() if name is not None}
+        missing = {field: name for field, name in mapping.items() if name not in table.column_names}
+        if missing:
+            fields = ", ".join(f"columns.{field} = {name!r}" for field, name in missing.items())
+            raise ValueError(f"{where} has no column for {fields}; its columns are {table.column_names}")
+        image_column = mapping.get("image")
+        if image_column and isinstance(table.features[image_column], datasets.Image):
+            table = table.cast_column(image_column, datasets.Image(decode=False))  # {bytes, path}, read below
+        source = self.source or Path(str(self.path).rstrip("/")).stem or "prompts"
+        records, bad = [], []
+        for index, row in enumerate(table.select_columns(sorted(set(mapping.values())))):
+            at = f"{where}, row {index + 1}"
+            record = self._record(row, mapping, source, index, at, base)
+            problem = image_problem(record["image"]) if isinstance(record["image"], dict) else None
+            if problem is not None:
+                bad.append(f"{at}, column {image_column!r}: {problem}")
+                continue
+            records.append(record)
+        if bad and self.on_bad_image == "error":
+            raise ValueError(f"{len(bad)} prompts have a missing or unreadable image: {'; '.join(bad[:10])}. "
+                             "Fix the paths (relative ones are read from the file's folder) or set on_bad_image: skip")
+        if bad:
+            warnings.warn(f"dropped {len(bad)} prompts with a missing or unreadable image: {'; '.join(bad[:10])}",
+                          stacklevel=2)
+        return make_dataset(records)
+
+    def _record(self, row: dict[str, Any], mapping: dict[str, str], source: str, index: int, at: str,
+                base: Path | None) -> dict[str, Any]:
+        """One schema record from one row of the file."""
+
+        def text_of(field: str, default: str | None) -> str | None:
+            if field not in mapping:
+                return default
+            value = row[mapping[field]]
+            if value is None or (isinstance(value, float) and value != value) or str(value).strip() == "":
+                if field == "text":
+                    raise ValueError(f"{at}, column {mapping[field]!r}: the text is empty")
+                return default
+            return str(value)
+
+        rid = text_of("id", None) or f"{source}-{index + 1:06d}"
+        return dict(
+            id=rid,
+            text=text_of("text", None),
+            image=self._image(row[mapping["image"]], base, at, mapping["image"]) if "image" in mapping else None,
+            label=self._label(row[mapping["label"]], at, mapping["label"]) if "label" in mapping else self.label,
+            attack=text_of("attack", self.attack),
+            source=source,
+            category=text_of("category", self.category),
+            group=text_of("group", rid),
+        )
+
+    def _label(self, value: Any, at: str, column: str) -> int:
+        """0 or 1 from an int, an integral float, "0"/"1", benign/malicious, or the ``labels`` mapping."""
+        if self.labels is not None:
+            key = str(value).strip()
+            if key not in self.labels:
+                raise ValueError(f"{at}, column {column!r}: label {value!r} is not in labels {sorted(self.labels)}; "
+                                 "add it to `labels`")
+            return self.labels[key]
+        if isinstance(value, bool):
+            return int(value)
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return int(value)
+        if isinstance(value, str) and value.strip().lower() in ("0", "1", *LABEL_NAMES):
+            key = value.strip().lower()
+            return int(key) if key in ("0", "1") else LABEL_NAMES.index(key)
+        raise ValueError(f"{at}, column {column!r}: label {value!r} is not 0/1 or benign/malicious; "
+                         "map string labels with `labels`, e.g. {safe: 0, unsafe: 1}")
+
+    def _image(self, value: Any, base: Path | None, at: str, column: str) -> dict[str, Any] | Image.Image | None:
+        """An image entry: a path (relative ones resolved against ``base``), a {bytes, path} struct or a PIL image."""
+        empty_cell = isinstance(value, float) and value != value  # an empty CSV cell may read as NaN
+        if value is None or empty_cell or (isinstance(value, str) and not value.strip()):
+            return None
+        if isinstance(value, Image.Image):
+            return value
+        if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+            if value.get("bytes"):
+                return {"bytes": value["bytes"], "path": None}
+            value = value["path"]
+        if not isinstance(value, str):
+            raise ValueError(f"{at}, column {column!r}: expected an image path or image, got {type(value).__name__}")
+        path = Path(value).expanduser()
+        if not path.is_absolute() and base is not None:
+            path = base / path
+        return {"path": str(path), "bytes": None}
