@@ -43,7 +43,7 @@ from sahs.data.shards import (  # noqa: F401  (re-exported: the cache's writing 
 from sahs.errors import UserError
 
 FORMAT_VERSION = 2
-OWN_ENTRIES = {"fingerprint.json", "manifest.json", SHARD_DIR}
+OWN_ENTRIES = {"fingerprint.json", "manifest.json", SHARD_DIR, "rankings"}  # rankings: head rankings kept for reuse
 META_COLUMNS = ("id", "label", "attack", "source", "category", "split", "group")
 
 
@@ -297,8 +297,13 @@ class ActivationCache:
     def all_heads(self) -> list[tuple[int, int]]:
         return [(layer, head) for layer in self.layers for head in range(self.layout["num_heads"])]
 
-    def read(self, heads: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
-        """Activations of ``heads`` (model ``(layer, head)`` pairs; all by default), in manifest order."""
+    def read(self, heads: Sequence[tuple[int, int]] | None = None,
+             dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Activations of ``heads`` (model ``(layer, head)`` pairs; all by default), in manifest order.
+
+        ``dtype=None`` keeps the stored dtype (float16 from an extraction: half the memory of float32),
+        as the head ranking and leave-one-attack-out read it; they convert a chunk of heads at a time.
+        """
         heads = list(self.all_heads() if heads is None else heads)
         if not heads:
             raise ValueError("no heads to read: name at least one (layer, head) pair")
@@ -315,7 +320,7 @@ class ActivationCache:
         num_heads = self.layout["num_heads"]
         flat = [position[layer] * num_heads + head for layer, head in heads]
         select = None if flat == list(range(len(self.layers) * num_heads)) else torch.tensor(flat)
-        out = torch.empty(len(self.rows), len(heads), self.layout["head_dim"], dtype=torch.float32)
+        out = None
         for stem, pairs in by_shard.items():
             targets, rows = zip(*pairs)
             path = self.shard_dir / f"{stem}.safetensors"
@@ -326,8 +331,12 @@ class ActivationCache:
                     picked = stored if select is None else stored.index_select(1, select)
                     if list(rows) != list(range(len(stored))):  # the manifest skips or reorders some rows
                         picked = picked[torch.tensor(rows)]
-                    out[torch.tensor(targets)] = picked.float()
+                    if out is None:
+                        shape = (len(self.rows), len(heads), self.layout["head_dim"])
+                        out = torch.empty(shape, dtype=dtype or picked.dtype)
+                    out[torch.tensor(targets)] = picked.to(out.dtype)
             except (SafetensorError, OSError) as error:
                 raise CacheDamagedError(self.root, [f"{path.name} cannot be read ({error})"],
                                         len(pairs)) from None
-        return out
+        empty = (0, len(heads), self.layout["head_dim"])
+        return out if out is not None else torch.empty(empty, dtype=dtype or torch.float32)

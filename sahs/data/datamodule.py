@@ -15,7 +15,7 @@ from sahs.data.cache import ActivationCache, CacheMismatchError, fingerprint_dif
 from sahs.data.selection import FeatureSelection, describe_heads, model_name, without_data_keys
 from sahs.data.splits import split_rows
 from sahs.errors import UserError
-from sahs.eval.probes import HeadRanking, rank_heads
+from sahs.eval.probes import HeadRanking
 
 
 class DataConfigError(UserError, ValueError):
@@ -122,12 +122,14 @@ class ActivationDataModule(L.LightningDataModule):
         layers = self.candidate_layers(cache)
         if hp.top_k is None:
             return [(layer, head) for layer in layers for head in range(cache.layout["num_heads"])]
-        # Heads are ranked on the training split only: validation and test never choose them.
-        train = self.splits["train"]
-        rows = train.numpy()
-        self.ranking = rank_heads(self.read_layers(layers, cache)[train], self.labels[train], layers=layers,
-                                  seed=hp.seed, attacks=self.column("attack", cache)[rows],
-                                  groups=self.column("group", cache)[rows])
+        # Heads are ranked on the training split only: validation and test never choose them. The
+        # ranking is kept beside the cache and reused by every run with the same rows and settings.
+        from sahs.experiments.rankings import RankingStore  # the store serves experiments and this module
+
+        store = RankingStore.for_cache(cache)
+        features = self.read_layers(layers, cache, dtype=None)  # the stored dtype (float16), read in place
+        self.ranking = store.rank(features, self.labels, rows=self.splits["train"], layers=layers, seed=hp.seed,
+                                  attacks=self.column("attack", cache), groups=self.column("group", cache))
         return self.ranking.top(hp.top_k)
 
     def candidate_layers(self, cache: ActivationCache | None = None) -> list[int]:
@@ -135,12 +137,16 @@ class ActivationDataModule(L.LightningDataModule):
         cache = cache or self._require_loaded()
         return list(cache.layers if self.hparams.layers is None else self.hparams.layers)
 
-    def read_layers(self, layers: list[int], cache: ActivationCache | None = None) -> torch.Tensor:
-        """Every head of ``layers`` for all prompts: ``[prompts, len(layers), heads, head_dim]``."""
+    def read_layers(self, layers: list[int], cache: ActivationCache | None = None,
+                    dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Every head of ``layers`` for all prompts: ``[prompts, len(layers), heads, head_dim]``.
+
+        ``dtype=None`` keeps the stored dtype (float16 from an extraction).
+        """
         cache = cache or self._require_loaded()
         num_heads = cache.layout["num_heads"]
         heads = [(layer, head) for layer in layers for head in range(num_heads)]
-        return cache.read(heads).view(len(cache), len(layers), num_heads, -1)
+        return cache.read(heads, dtype=dtype).view(len(cache), len(layers), num_heads, -1)
 
     def column(self, name: str, cache: ActivationCache | None = None) -> np.ndarray:
         """A per-prompt manifest column as strings; ``group`` falls back to the prompt id in older caches."""
