@@ -94,6 +94,10 @@ class SahsCLI(LightningCLI):
         self.run_dir = runs.place_run(config, self._get(self.config_init, "trainer"), verb, self.argv,
                                       inherit=self.subcommand is not None)
 
+    def init_parser(self, **kwargs):
+        # A config error raises, so that ``main`` prints the key at fault in one line, not 80 lines of usage.
+        return super().init_parser(**{"exit_on_error": False, **kwargs})
+
     def after_fit(self) -> None:
         if self.trainer.fast_dev_run or self.trainer.interrupted:
             return self._close()
@@ -205,13 +209,25 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """User errors print one line (``--debug`` or ``SAHS_DEBUG=1``: the traceback too); bugs keep theirs."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
-    elif argv[0] in EXTRA_COMMANDS:
-        EXTRA_COMMANDS[argv[0]](argv[1:])
-    else:
-        lightning_main(argv)
+    debug = "--debug" in argv or os.environ.get("SAHS_DEBUG", "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        if not argv or argv[0] in ("-h", "--help"):
+            print(usage())
+        elif argv[0] in EXTRA_COMMANDS:
+            EXTRA_COMMANDS[argv[0]](argv[1:])
+        else:
+            lightning_main(argv)
+    except Exception as error:
+        from sahs.commands.errors import user_error_line
+
+        line = user_error_line(error)
+        if line is None or debug:
+            raise
+        print(f"sahs: error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
     run(argv)
 
 
-def run(argv: list[str], store=None, parser=None, quiet: bool = False, exit_on_error: bool = True) -> LoaoRun:
+def run(argv: list[str], store=None, parser=None, quiet: bool = False) -> LoaoRun:
     """One leave-one-attack-out run in its own folder.
 
     Runs of a sweep share an ``InputStore`` (one read of the cache) and a ``RunParser`` (one parser).
@@ -52,7 +52,7 @@ def run(argv: list[str], store=None, parser=None, quiet: bool = False, exit_on_e
     from sahs.experiments.inputs import InputStore
 
     parser = parser if parser is not None else RunParser("loao")
-    options, config = parser.parse(argv, keep_logger=True, new_run=True, exit_on_error=exit_on_error)
+    options, config = parser.parse(argv, keep_logger=True, new_run=True)
     try:
         result = _leave_one_attack_out(options, config, store if store is not None else InputStore(every_layer=False),
                                        quiet)
@@ -88,12 +88,14 @@ def _leave_one_attack_out(options: Options, run, store, quiet: bool) -> LoaoRun:
                             seed=run.seed, max_iter=options.max_iter)
     columns = (inputs.features, inputs.labels, inputs.attacks)
     result = leave_one_attack_out(*columns, settings, layers=inputs.layers, groups=inputs.groups,
-                                  progress=lambda line: print(f"[sahs] {run.dir.name} {line}", flush=True))
+                                  progress=lambda line: print(f"[sahs] {run.dir.name} {line}", flush=True),
+                                  rankings=inputs.rankings)
     result.save(run.dir)
     summary = result.summary()
     files = [run.dir / name for name in (runs.CONFIG_FILE, "loao.json", "loao.csv", METRICS_FILE)]
     if options.transfer:
-        transfer = transfer_matrix(*columns, settings, layers=inputs.layers, groups=inputs.groups)
+        transfer = transfer_matrix(*columns, settings, layers=inputs.layers, groups=inputs.groups,
+                                   rankings=inputs.rankings)
         files += [transfer.save(run.dir), transfer.plot(run.dir / "transfer.png")]
         summary.update({f"transfer/{a}->{b}": float(transfer.auroc[i, j])
                         for i, a in enumerate(transfer.families) for j, b in enumerate(transfer.families)})

@@ -34,7 +34,7 @@ def _locate(options: Options, run) -> None:
     import time
 
     from sahs.commands import runs
-    from sahs.eval.probes import rank_heads
+    from sahs.experiments.rankings import RankingStore
 
     runs.log_config(run.loggers, run.config)
     run.ensure_cache()
@@ -43,13 +43,13 @@ def _locate(options: Options, run) -> None:
     if ranking is None:  # explicit heads, or every head of some layers: rank the candidates here
         layers = datamodule.candidate_layers()
         train = datamodule.splits["train"]
-        features = datamodule.read_layers(layers)[train]
+        features = datamodule.read_layers(layers, dtype=None)  # the stored dtype; probes convert chunk by chunk
         print(f"[sahs] locate: ranking {features.shape[1] * features.shape[2]} heads of layers {layers} "
               f"on {len(train)} training prompts", flush=True)
         start = time.perf_counter()
-        ranking = rank_heads(features, datamodule.labels[train], layers=layers, seed=datamodule.hparams.seed,
-                             attacks=datamodule.column("attack")[train.numpy()],
-                             groups=datamodule.column("group")[train.numpy()])
+        ranking = RankingStore.for_cache(datamodule.cache).rank(
+            features, datamodule.labels, rows=train, layers=layers, seed=datamodule.hparams.seed,
+            attacks=datamodule.column("attack"), groups=datamodule.column("group"))
         print(f"[sahs] locate: ranked in {time.perf_counter() - start:.1f} s", flush=True)
     output = run.dir
     ranking.save(output)

@@ -92,30 +92,28 @@ class RunParser:
         self.options_class = verb_options().get(verb)
         self._parser = None
 
-    def parse(self, argv: list[str], keep_logger: bool = False, new_run: bool = False,
-              exit_on_error: bool = True) -> tuple[Any, Run]:
+    def parse(self, argv: list[str], keep_logger: bool = False, new_run: bool = False) -> tuple[Any, Run]:
         """Parse ``sahs <verb>``'s command line (a run config, overrides, the verb's section) and build the run.
 
         With ``new_run`` the run gets its own folder ``<root_dir>/<verb>/<run.name>`` (``Run.dir``), its
-        loggers write there and carry the run's identity, and its full config is saved there. Without
-        ``exit_on_error`` a config error raises ``ArgumentError`` (its message names the key) instead of exiting.
+        loggers write there and carry the run's identity, and its full config is saved there. A config
+        error raises ``ArgumentError`` (``sahs`` prints the key at fault in one line).
         """
         args = _shorthand(self.verb, self.options_class, argv)
         if not keep_logger and not any(a.startswith("--trainer.logger") for a in args):
             args = [*args, "--trainer.logger=false"]
         if self._parser is None:
-            config, init, run_dir = self._first(args, new_run, exit_on_error)
+            config, init, run_dir = self._first(args, new_run)
         else:
-            self._parser.exit_on_error = exit_on_error
             config = self._parser.parse_args(args)
             init = self._parser.instantiate_classes(config)
             run_dir = runs.place_run(config, init["trainer"], self.verb, args) if new_run else None
         return self._options(config, init), self._run(config, init, run_dir, args)
 
-    def _first(self, args: list[str], new_run: bool, exit_on_error: bool):
+    def _first(self, args: list[str], new_run: bool):
         from sahs.cli import PARSER_MODE, SahsCLI
 
-        parser_kwargs = {"parser_mode": PARSER_MODE, "prog": f"sahs {self.verb}", "exit_on_error": exit_on_error}
+        parser_kwargs = {"parser_mode": PARSER_MODE, "prog": f"sahs {self.verb}"}
         with warnings.catch_warnings():  # `sahs <verb>` always hands LightningCLI its own arguments
             warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
             cli = SahsCLI(DetectorModule, ActivationDataModule, parser_kwargs=parser_kwargs, run=False, args=args,
@@ -155,7 +153,6 @@ class RunParser:
         return run
 
 
-def parse(verb: str, argv: list[str], keep_logger: bool = False, new_run: bool = False,
-          exit_on_error: bool = True) -> tuple[Any, Run]:
+def parse(verb: str, argv: list[str], keep_logger: bool = False, new_run: bool = False) -> tuple[Any, Run]:
     """``RunParser(verb).parse(...)``: one run's config, parsed and built."""
-    return RunParser(verb).parse(argv, keep_logger=keep_logger, new_run=new_run, exit_on_error=exit_on_error)
+    return RunParser(verb).parse(argv, keep_logger=keep_logger, new_run=new_run)

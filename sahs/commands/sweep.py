@@ -63,12 +63,18 @@ def _checker(parser, prefix: list[str]):
             with contextlib.redirect_stderr(printed):
                 parser.parse_args([*prefix, *overrides])
         except (ArgumentError, SystemExit) as error:
-            lines = [line.strip() for line in (str(error) if isinstance(error, ArgumentError) else printed.getvalue())
-                     .splitlines() if line.strip() and not line.lstrip().startswith(("usage:", "["))]
-            return " / ".join(lines[:6]) or "rejected"
+            return _config_error(error, printed.getvalue())
         return None
 
     return check
+
+
+def _config_error(error: BaseException, printed: str = "") -> str:
+    """A config error in one line: the key at fault and what it accepts."""
+    from sahs.commands.errors import config_error_line
+
+    text = str(error) if not isinstance(error, SystemExit) else printed or str(error)
+    return config_error_line(text) or " ".join(text.split())[:300]
 
 
 def main(argv: list[str]) -> None:
@@ -124,6 +130,8 @@ def _executor(spec, sweep_dir: Path, run_args: list[str], offline: bool, base=No
     With ``base`` (the sweep's run config, built) the cache is checked, filled and read here, before
     any run: a cache that does not fit the config stops the sweep instead of failing every run.
     """
+    from jsonargparse import ArgumentError
+
     from sahs.commands import loao
     from sahs.commands.run_config import RunParser
     from sahs.experiments.inputs import InputStore
@@ -147,9 +155,9 @@ def _executor(spec, sweep_dir: Path, run_args: list[str], offline: bool, base=No
     def execute(params: dict, name: str) -> RunOutcome:
         argv = [*run_args, *spec.overrides(params), *identity, f"--run.name={name}"]
         try:
-            result = loao.run(argv, store=store, parser=parser, quiet=True, exit_on_error=False)
-        except SystemExit as error:  # a config error jsonargparse reports by exiting
-            raise RunFailed(f"the run config rejected this run ({error})") from error
+            result = loao.run(argv, store=store, parser=parser, quiet=True)
+        except (ArgumentError, SystemExit) as error:  # the run config rejected this run's values
+            raise RunFailed(f"the run config rejected this run: {_config_error(error)}") from error
         return RunOutcome(result.dir, result.metrics, detector_label(result.config))
 
     return execute

@@ -14,7 +14,34 @@ from torch.utils.data import DataLoader, TensorDataset
 from sahs.data.cache import ActivationCache, CacheMismatchError, fingerprint_diff
 from sahs.data.selection import FeatureSelection, describe_heads, model_name, without_data_keys
 from sahs.data.splits import split_rows
-from sahs.eval.probes import HeadRanking, rank_heads
+from sahs.errors import UserError
+from sahs.eval.probes import HeadRanking
+
+
+class DataConfigError(UserError, ValueError):
+    """A ``data:`` setting that cannot work, named with its fix."""
+
+
+def check_selection(heads: list | None, layers: list | None, top_k: int | None, val_fraction: float,
+                    test_fraction: float) -> None:
+    """Refuse head selections and splits that would fail later or be silently ignored."""
+    if heads is not None and len(heads) == 0:
+        raise DataConfigError("data.heads is empty: list [layer, head] pairs, or leave it unset (null) "
+                              "to use every cached head")
+    if layers is not None and len(layers) == 0:
+        raise DataConfigError("data.layers is empty: list layers, or leave it unset (null) for every cached layer")
+    if heads is not None and top_k is not None:
+        raise DataConfigError("data.heads and data.top_k are both set: heads fixes the heads, top_k would "
+                              "rank them on the training split; unset one of the two")
+    if top_k is not None and top_k < 1:
+        raise DataConfigError(f"data.top_k must be at least 1, got {top_k}")
+    if not 0 < val_fraction < 1:
+        raise DataConfigError(
+            f"data.val_fraction is {val_fraction}: the detector's threshold (95% TPR) and the best checkpoint "
+            "are chosen on the validation split, so it must be in (0, 1) (the default is 0.15)")
+    if not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise DataConfigError(f"data.val_fraction + data.test_fraction is {val_fraction + test_fraction}: "
+                              "leave some prompts for training (the sum must be below 1)")
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -55,6 +82,7 @@ class ActivationDataModule(L.LightningDataModule):
             predict_split: The prompts ``sahs predict`` scores: the whole cache or one split.
         """
         super().__init__()
+        check_selection(heads, layers, top_k, val_fraction, test_fraction)
         self.save_hyperparameters()
         self.cache_dir = cache_dir
         self.cache: ActivationCache | None = None
@@ -94,12 +122,14 @@ class ActivationDataModule(L.LightningDataModule):
         layers = self.candidate_layers(cache)
         if hp.top_k is None:
             return [(layer, head) for layer in layers for head in range(cache.layout["num_heads"])]
-        # Heads are ranked on the training split only: validation and test never choose them.
-        train = self.splits["train"]
-        rows = train.numpy()
-        self.ranking = rank_heads(self.read_layers(layers, cache)[train], self.labels[train], layers=layers,
-                                  seed=hp.seed, attacks=self.column("attack", cache)[rows],
-                                  groups=self.column("group", cache)[rows])
+        # Heads are ranked on the training split only: validation and test never choose them. The
+        # ranking is kept beside the cache and reused by every run with the same rows and settings.
+        from sahs.experiments.rankings import RankingStore  # the store serves experiments and this module
+
+        store = RankingStore.for_cache(cache)
+        features = self.read_layers(layers, cache, dtype=None)  # the stored dtype (float16), read in place
+        self.ranking = store.rank(features, self.labels, rows=self.splits["train"], layers=layers, seed=hp.seed,
+                                  attacks=self.column("attack", cache), groups=self.column("group", cache))
         return self.ranking.top(hp.top_k)
 
     def candidate_layers(self, cache: ActivationCache | None = None) -> list[int]:
@@ -107,12 +137,16 @@ class ActivationDataModule(L.LightningDataModule):
         cache = cache or self._require_loaded()
         return list(cache.layers if self.hparams.layers is None else self.hparams.layers)
 
-    def read_layers(self, layers: list[int], cache: ActivationCache | None = None) -> torch.Tensor:
-        """Every head of ``layers`` for all prompts: ``[prompts, len(layers), heads, head_dim]``."""
+    def read_layers(self, layers: list[int], cache: ActivationCache | None = None,
+                    dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Every head of ``layers`` for all prompts: ``[prompts, len(layers), heads, head_dim]``.
+
+        ``dtype=None`` keeps the stored dtype (float16 from an extraction).
+        """
         cache = cache or self._require_loaded()
         num_heads = cache.layout["num_heads"]
         heads = [(layer, head) for layer in layers for head in range(num_heads)]
-        return cache.read(heads).view(len(cache), len(layers), num_heads, -1)
+        return cache.read(heads, dtype=dtype).view(len(cache), len(layers), num_heads, -1)
 
     def column(self, name: str, cache: ActivationCache | None = None) -> np.ndarray:
         """A per-prompt manifest column as strings; ``group`` falls back to the prompt id in older caches."""
@@ -124,6 +158,9 @@ class ActivationDataModule(L.LightningDataModule):
     def _split(self, cache: ActivationCache) -> dict[str, torch.Tensor]:
         given = cache.column("split")
         if all(name in ("train", "val", "test") for name in given):  # the prompt set brings its own
+            if "val" not in given:
+                raise DataConfigError(f"the prompt set of {self.cache_dir} brings its own split without a 'val' "
+                                      "part: the threshold and the best checkpoint are chosen on validation")
             return {name: torch.tensor([i for i, s in enumerate(given) if s == name]) for name in ("train", "val", "test")}
         hp = self.hparams
         train, val, test = split_rows(cache.labels, [hp.val_fraction, hp.test_fraction], hp.seed,

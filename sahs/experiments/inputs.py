@@ -10,6 +10,7 @@ import torch
 
 from sahs.data.cache import ActivationCache
 from sahs.data.datamodule import ActivationDataModule
+from sahs.experiments.rankings import RankingStore
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class LoaoInputs:
     groups: np.ndarray  # [prompts] request id: one request's forms stay on one side
     layers: list[int]  # model layer of each entry of the features' layer axis
     head_dim: int
+    rankings: RankingStore | None = None  # the cache's head rankings: computed once, then reused
 
     def select_layers(self, layers: list[int]) -> LoaoInputs:
         """The same prompts with only ``layers`` (model numbers) on the layer axis."""
@@ -36,6 +38,10 @@ class LoaoInputs:
 
 class InputStore:
     """Reads each cache once: the runs of a sweep share one read and take their layers from it.
+
+    The features keep the stored dtype (float16 from an extraction): folds convert what they use. Each
+    cache comes with its ``RankingStore``, so runs that vary only the head count, the detector or its
+    regularization rank no head again.
 
     A cache is known by its folder and by ``key``, the extraction settings that made it: a run whose
     extraction differs fills its cache again (through the caller) rather than reading a stale one.
@@ -63,9 +69,9 @@ class InputStore:
         if where not in self._read:
             cache = ActivationCache(datamodule.cache_dir)
             layers = list(cache.layers) if self.every_layer else datamodule.candidate_layers(cache)
-            inputs = LoaoInputs(datamodule.read_layers(layers, cache), cache.labels,
+            inputs = LoaoInputs(datamodule.read_layers(layers, cache, dtype=None), cache.labels,
                                 datamodule.column("attack", cache), datamodule.column("group", cache),
-                                layers, cache.layout["head_dim"])
+                                layers, cache.layout["head_dim"], RankingStore.for_cache(cache))
             self._read[where] = (cache, inputs)
         cache, inputs = self._read[where]
         return inputs.select_layers(datamodule.candidate_layers(cache))
