@@ -12,6 +12,7 @@ import inspect
 import os
 import re
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,10 @@ from sahs.experiments.records import CONFIG_FILE
 
 # A run's folder, inherited by the processes that a multi-device fit launches so that all ranks share it.
 RUN_DIR_ENV = "SAHS_RUN_DIR"
+
+# A CSV logger writing into a run's folder finds the run's config.yaml already there; the folder is the
+# run's own (made for it), so Lightning's warning about an earlier run's logs does not apply.
+warnings.filterwarnings("ignore", r"Experiment logs directory .* exists and is not empty")
 
 
 @dataclass

@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,7 +239,9 @@ def run_wandb(spec: SweepSpec, sweep_dir: Path, execute: Execute, sweep_id: str,
         say(f"[sahs] sweep {spec.name}: run {record.number + 1} {record.name}  "
             + "  ".join(f"{name}={value}" for name, value in params.items()))
         try:
-            attempt(record, execute, spec, sweep_dir)
+            with warnings.catch_warnings():  # the run's W&B logger joins the agent's run, as it should
+                warnings.filterwarnings("ignore", "There is a wandb run already in progress")
+                attempt(record, execute, spec, sweep_dir)
         finally:
             write_summary(sweep_dir, spec, plot=False)
 
