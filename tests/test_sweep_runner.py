@@ -148,3 +148,24 @@ def test_a_command_that_is_not_loao_is_refused(tmp_path):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(SweepError, match="names \\['fit'\\]"):
         load_sweep(path)
+
+
+def test_report_rebuilds_the_table_and_plot_from_the_run_folders(tmp_path, capsys):
+    from sahs.cli import main
+
+    spec = load_sweep(write_spec(tmp_path, GRID))
+    run_local(spec, tmp_path / "sweep", Runs(tmp_path / "sweep"), say=lambda line: None)
+    with open(tmp_path / "sweep" / "summary.csv", newline="") as handle:
+        written = list(csv.DictReader(handle))
+    for name in ("summary.csv", "summary.md", "auroc_vs_heads.png"):
+        (tmp_path / "sweep" / name).unlink()
+    first = Path(read_records(tmp_path / "sweep")[0].dir) / "metrics.json"
+    first.write_text(json.dumps({**json.loads(first.read_text()), "loao/auroc_mean": 0.123}))
+    main(["sweep", "report", str(tmp_path / "sweep")])
+    with open(tmp_path / "sweep" / "summary.csv", newline="") as handle:
+        rebuilt = list(csv.DictReader(handle))
+    assert float(rebuilt[0]["loao/auroc_mean"]) == 0.123  # read from the run's folder, not the sweep's record
+    assert rebuilt[1:] == written[1:] and {**rebuilt[0], "loao/auroc_mean": written[0]["loao/auroc_mean"]} == written[0]
+    assert (tmp_path / "sweep" / "auroc_vs_heads.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="not a sweep folder"):
+        main(["sweep", "report", str(tmp_path)])

@@ -208,7 +208,13 @@ def load_sweep(path: str | Path) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"no sweep definition at {path}; pass a YAML file such as sweeps/demo_capacity.yaml")
-    raw = yaml.safe_load(path.read_text())
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise SweepError(f"{path} is not valid YAML{line}: {getattr(error, 'problem', error)}; quote values such "
+                         "as '${args}' inside [...]") from None
     if not isinstance(raw, dict):
         raise SweepError(f"{path}: a sweep definition is a YAML mapping with method, metric, parameters, command")
     method = raw.get("method")
