@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -83,22 +84,16 @@ def main(argv: list[str]) -> None:
         return
     if argv[0] == "report":
         return report(argv[1:])
-    from sahs.experiments.sweep_spec import SweepError, check_parameters, load_sweep
-
-    try:
-        spec = load_sweep(argv[0])
-    except SweepError as error:
-        raise SystemExit(f"[sahs] {error}") from None
     from sahs.commands.run_config import parse
+    from sahs.experiments.sweep_spec import check_parameters, load_sweep
+
+    spec = load_sweep(argv[0])  # a SweepError (a UserError) is printed by `sahs` in one line
 
     options, run = parse("sweep", [*spec.run_args, *argv[1:]], keep_logger=True)
     spec = replace(spec, name=options.name or spec.name)
-    sweep_dir = run.root_dir / "sweeps" / spec.name
+    sweep_dir = (run.root_dir / "sweeps" / spec.name).resolve()  # records name run folders from anywhere
     run_args = _without_sweep_options(run.argv)
-    try:
-        check_parameters(spec, _checker(run.parser, run_args))
-    except SweepError as error:
-        raise SystemExit(f"[sahs] {error}") from None
+    check_parameters(spec, _checker(run.parser, run_args))
     offline = options.offline or os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled")
     sweep_id = None if offline else (options.sweep_id or _create_on_wandb(spec))  # before the cache is read
     execute = _executor(spec, sweep_dir, run_args, offline, run)
@@ -116,8 +111,9 @@ def main(argv: list[str]) -> None:
 
             records = run_wandb(spec, sweep_dir, execute, sweep_id, count=options.count)
     except KeyboardInterrupt:
-        raise SystemExit(f"\n[sahs] sweep {spec.name} interrupted; its summary in {sweep_dir} lists the runs so far. "
-                         "Run the same command again to resume it.") from None
+        print(f"\n[sahs] sweep {spec.name} interrupted; its summary in {sweep_dir} lists the runs so far. "
+              "Run the same command again to resume it.", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         if not preset:
             os.environ.pop("WANDB__SAVE_REQUIREMENTS", None)
@@ -140,10 +136,7 @@ def _executor(spec, sweep_dir: Path, run_args: list[str], offline: bool, base=No
 
     store, parser = InputStore(every_layer=True), RunParser("loao")
     if base is not None:
-        try:
-            loao.load_inputs(base, store)
-        except (OSError, ValueError) as error:  # a missing or mismatched cache, named by its own message
-            raise SystemExit(f"[sahs] {type(error).__name__}: {error}") from None
+        loao.load_inputs(base, store)  # a missing or mismatched cache stops here, before any run
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed"):
         logging.getLogger(name).setLevel(logging.WARNING)  # not "Seed set to 0" and the GPU lines once per run
     identity = [f"--trainer.default_root_dir={sweep_dir}", f"--run.group={spec.name}", "--run.tags=[sweep]",
@@ -164,14 +157,15 @@ def _executor(spec, sweep_dir: Path, run_args: list[str], offline: bool, base=No
 
 
 def _create_on_wandb(spec) -> str:
+    from sahs.errors import UserError
     from sahs.experiments.sweep import create_wandb_sweep
 
     try:
         return create_wandb_sweep(spec)
     except Exception as error:
         if "api_key" in str(error).lower() or "api key" in str(error).lower():
-            raise SystemExit("[sahs] W&B is online but has no API key: run `wandb login`, or sweep offline with "
-                             "--offline (or WANDB_MODE=offline) and `wandb sync` the runs later") from None
+            raise UserError("W&B is online but has no API key: run `wandb login`, or sweep offline with --offline "
+                            "(or WANDB_MODE=offline) and `wandb sync` the runs later") from None
         raise
 
 
@@ -196,8 +190,5 @@ def report(argv: list[str]) -> None:
     parser = ArgumentParser(prog="sahs sweep report", description=report.__doc__)
     parser.add_argument("sweep_dir", type=str, help="the sweep's folder, <root_dir>/sweeps/<name>")
     sweep_dir = Path(parser.parse_args(argv).sweep_dir)
-    try:
-        written = write_summary(sweep_dir, from_folders=True)
-    except FileNotFoundError as error:
-        raise SystemExit(f"[sahs] {error}") from None
+    written = write_summary(sweep_dir, from_folders=True)
     print("[sahs] wrote " + ", ".join(str(path) for path in written))

@@ -132,10 +132,10 @@ def write_summary(sweep_dir: str | Path, spec=None, plot: bool = True, from_fold
     """
     sweep_dir = Path(sweep_dir)
     if spec is None:
-        from sahs.experiments.sweep_spec import load_sweep
+        from sahs.experiments.sweep_spec import SweepError, load_sweep
 
         if not (sweep_dir / DEFINITION).is_file():
-            raise FileNotFoundError(f"{sweep_dir} is not a sweep folder (no {DEFINITION}); pass the folder that "
+            raise SweepError(f"{sweep_dir} is not a sweep folder (no {DEFINITION}); pass the folder that "
                                     "`sahs sweep` printed, e.g. outputs/demo/sweeps/demo_capacity")
         spec = load_sweep(sweep_dir / DEFINITION)
     rows = summary_rows(sweep_dir, spec.metric, from_folders)

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from sahs.errors import UserError
+
 METHODS = ("grid", "random", "bayes")
 # W&B distributions that Optuna's samplers can draw (normal ones have no bounded counterpart there).
 DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", "q_uniform", "log_uniform_values",
@@ -35,8 +37,8 @@ PLACEHOLDERS = {"${env}", "${interpreter}", "${program}", "${args}", "${args_no_
 RUN_VERBS = ("loao",)  # verbs a sweep runs in-process
 
 
-class SweepError(ValueError):
-    """A sweep definition that cannot run; the message names the key and the fix."""
+class SweepError(UserError, ValueError):
+    """A sweep definition that cannot run; the message names the key and the fix (``sahs`` prints it in one line)."""
 
 
 def cli_text(value: Any) -> str:
