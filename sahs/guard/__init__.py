@@ -1,0 +1,1 @@
+"""Working on the live model: head ablation (and, beside it, guarding generation)."""
