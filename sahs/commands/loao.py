@@ -31,7 +31,7 @@ def main(argv: list[str]) -> None:
     from sahs.commands.run_config import parse
     from sahs.experiments import LoaoSettings
     from sahs.experiments.loao import leave_one_attack_out
-    from sahs.experiments.rankings import RankingStore
+    from sahs.data.rankings import RankingStore
     from sahs.experiments.transfer import transfer_matrix
 
     options, run = parse("loao", argv, keep_logger=True)

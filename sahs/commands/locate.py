@@ -21,7 +21,7 @@ class Options:
 
 def main(argv: list[str]) -> None:
     from sahs.commands.run_config import parse
-    from sahs.experiments.rankings import RankingStore
+    from sahs.data.rankings import RankingStore
 
     options, run = parse("locate", argv)
     run.ensure_cache()
