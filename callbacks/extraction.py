@@ -16,7 +16,8 @@ class ActivationExtraction(L.Callback):
     """Runs the frozen model over the prompt set once, writing the DataModule's cache.
 
     The model is loaded only when the cache is missing or stale, kept in eval mode with no grads,
-    and released before training starts. With several devices every rank extracts its share.
+    and released before training starts. With several devices every rank extracts its share. A cache
+    that is reused is verified first; a damaged one stops the run, naming ``sahs cache repair``.
     """
 
     def __init__(

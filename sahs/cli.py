@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from collections.abc import Callable
 from typing import Optional
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sahs.commands import VERBS
 from sahs.data.datamodule import ActivationDataModule
+from sahs.models.artifact import DetectorArtifact
 from sahs.models.module import DetectorModule
 
 
@@ -19,10 +21,13 @@ class SahsCLI(LightningCLI):
     """After ``fit``, the best checkpoint is validated and tested, and the AUROC figures printed.
 
     Every verb's own options (``sahs.commands.<verb>.Options``) are a section of the run config, so
-    one YAML can carry ``loao: {top_k: 8}`` and still run ``sahs fit``.
+    one YAML can carry ``loao: {top_k: 8}`` and still run ``sahs fit``. ``predict`` writes one row per
+    prompt through ``sahs.callbacks.PredictionWriter`` (options under ``predictions:``). With
+    ``--ckpt_path`` the DataModule reads the checkpoint's heads from the start.
     """
 
-    def add_arguments_to_parser(self, parser) -> None:
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        from sahs.callbacks import PredictionWriter
         from sahs.commands.run_config import verb_options
 
         parser.add_argument(
@@ -32,6 +37,19 @@ class SahsCLI(LightningCLI):
 
         for verb, options in verb_options().items():
             parser.add_class_arguments(options, verb, help=f"options of `sahs {verb}`")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+    def _adopt_checkpoint_heads(self) -> None:
+        # Before the Trainer runs, so that the configured selection (e.g. a top_k ranking) is never computed.
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path not in (None, "best", "last", "hpc", "registry"):
+            self.datamodule.adopt(DetectorArtifact.read_checkpoint(ckpt_path).features)
+
+    before_validate = before_test = before_predict = _adopt_checkpoint_heads
+
+    def init_parser(self, **kwargs):
+        # A config error raises, so that ``main`` prints the key at fault in one line, not 80 lines of usage.
+        return super().init_parser(**{"exit_on_error": False, **kwargs})
 
     def after_fit(self) -> None:
         if self.trainer.fast_dev_run or self.trainer.interrupted:
@@ -99,7 +117,7 @@ LIGHTNING_VERBS = {
     "fit": "extract (or reuse) the cache, train the detector, then validate and test the best checkpoint",
     "validate": "validate a trained detector (--ckpt_path) on the validation split",
     "test": "test a trained detector (--ckpt_path) on the test split",
-    "predict": "score prompts with a trained detector (--ckpt_path)",
+    "predict": "score every prompt (or one split) with a trained detector (--ckpt_path); write predictions.csv",
 }
 
 # Verbs that are not Trainer methods: each takes the rest of the command line.
@@ -120,13 +138,25 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """User errors print one line (``--debug`` or ``SAHS_DEBUG=1``: the traceback too); bugs keep theirs."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
-    elif argv[0] in EXTRA_COMMANDS:
-        EXTRA_COMMANDS[argv[0]](argv[1:])
-    else:
-        lightning_main(argv)
+    debug = "--debug" in argv or os.environ.get("SAHS_DEBUG", "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        if not argv or argv[0] in ("-h", "--help"):
+            print(usage())
+        elif argv[0] in EXTRA_COMMANDS:
+            EXTRA_COMMANDS[argv[0]](argv[1:])
+        else:
+            lightning_main(argv)
+    except Exception as error:
+        from sahs.commands.errors import user_error_line
+
+        line = user_error_line(error)
+        if line is None or debug:
+            raise
+        print(f"sahs: error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

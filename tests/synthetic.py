@@ -26,11 +26,11 @@ def planted_features(n: int = 400, layers: int = 3, heads: int = 4, head_dim: in
 
 def write_cache(root: Path, features: torch.Tensor, labels: torch.Tensor, attacks: Sequence[str],
                 shard_size: int = 128, splits: Sequence[str] | None = None,
-                groups: Sequence[str] | None = None) -> None:
-    """A finished cache in the on-disk format, as an extraction would leave it; ``splits`` fixes each row's split,
-    ``groups`` names each row's request (each row its own when None)."""
+                groups: Sequence[str] | None = None, model: str = "synthetic") -> None:
+    """A finished cache in the on-disk format, as an extraction of ``model`` would leave it; ``splits`` fixes
+    each row's split, ``groups`` names each row's request (each row its own when None)."""
     n, layers, heads, head_dim = features.shape
-    fingerprint = {"format_version": cache_io.FORMAT_VERSION, "model": {"name": "synthetic"}}
+    fingerprint = {"format_version": cache_io.FORMAT_VERSION, "model": {"name": model}}
     cache_io.prepare_folder(root, fingerprint, rebuild=False)
     layout = {"num_layers": layers, "num_heads": heads, "head_dim": head_dim, "layers": list(range(layers)),
               "family": "synthetic"}

@@ -149,3 +149,20 @@ def test_writer_holds_at_most_one_shard_and_reads_pick_any_heads(tmp_path):
     assert torch.equal(cache.read(), rows.flatten(1, 2))
     heads = [(2, 3), (0, 0), (2, 1), (1, 2)]
     assert torch.equal(cache.read(heads), torch.stack([rows[:, layer, head] for layer, head in heads], dim=1))
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.float32])
+def test_read_keeps_the_stored_dtype_when_asked(tmp_path, stored):
+    features = torch.randn(70, 2, 3, 4)
+    cache_io.prepare_folder(tmp_path, {"model": "synthetic"}, rebuild=False)
+    layout = {"num_layers": 2, "num_heads": 3, "head_dim": 4, "layers": [5, 9]}
+    writer = cache_io.ShardWriter(tmp_path, layout, shard_size=32, dtype=stored)
+    writer.add([f"p{i}" for i in range(70)], features)
+    writer.close()
+    cache_io.write_manifest(tmp_path, [{"id": f"p{i}", "label": i % 2} for i in reversed(range(70))])
+    cache = ActivationCache(tmp_path)
+    as_stored, as_float = cache.read([(9, 2), (5, 0)], dtype=None), cache.read([(9, 2), (5, 0)])
+    assert as_stored.dtype == stored and as_float.dtype == torch.float32
+    expected = features.to(stored).float().flip(0)[:, [1, 0], [2, 0]]  # manifest order is reversed
+    torch.testing.assert_close(as_stored.float(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(as_float, expected, rtol=0, atol=0)

@@ -124,6 +124,28 @@ def test_relaunched_ddp_script_resumes_when_one_rank_has_nothing_left(tmp_path, 
     assert_same_rows(one_process, tmp_path)
 
 
+def test_two_ranks_resuming_a_half_finished_cache_write_each_missing_row_once(tmp_path, one_process, prompts):
+    """Rank r extracts ``missing[r::2]`` (missing prompts, shortest text first): together each exactly once."""
+    root = Path(shutil.copytree(one_process, tmp_path / "cache"))
+    kept = (root / "shards" / "r000-00000.safetensors").read_bytes()
+    for path in [*(root / "shards").glob("r000-00001.*"), *(root / "shards").glob("r000-00002.*")]:
+        path.unlink()
+    (root / "manifest.json").unlink()
+    done = set(shard_ids(root)["r000-00000"])
+    texts = prompts["text"]
+    missing = sorted((i for i, pid in enumerate(prompts["id"]) if pid not in done), key=lambda i: (len(texts[i]), i))
+    assert len(missing) == 7  # half-finished: 5 of 12 prompts are in the shard that is left
+
+    assert run_script_ddp(root) == ["resumed", "resumed"]
+    shards = shard_ids(root)
+    assert shards["r000-00001"] == [prompts["id"][i] for i in missing[0::2]]  # rank 0: 4 prompts
+    assert shards["r001-00000"] == [prompts["id"][i] for i in missing[1::2]]  # rank 1: 3 prompts
+    written = [pid for ids in shards.values() for pid in ids]
+    assert sorted(written) == sorted(prompts["id"])  # every prompt once: none lost, none twice
+    assert (root / "shards" / "r000-00000.safetensors").read_bytes() == kept
+    assert_same_rows(one_process, root)
+
+
 def test_kept_layers_stop_the_forward_after_the_last_one(tmp_path, prompts, monkeypatch):
     """Early exit: with ``layers=[1]`` no later layer and no LM head runs, and layer 1 is still right."""
     calls: dict[str, int] = {}

@@ -83,16 +83,16 @@ def test_logistic_detector_is_at_chance_on_shuffled_labels(tmp_path):
 def test_top_k_keeps_the_planted_heads_ranked_on_train_only(tmp_path, monkeypatch):
     features, labels, attacks = planted_features(n=400, signal_heads=[(1, 2), (2, 0)])
     write_cache(tmp_path, features, labels, attacks)
-    seen_rows: list[int] = []
-    import sahs.data.datamodule as datamodule_module
+    seen_rows: list[torch.Tensor] = []
+    import sahs.data.rankings as rankings_module
 
-    real = datamodule_module.rank_heads
-    monkeypatch.setattr(datamodule_module, "rank_heads",
-                        lambda x, y, **kw: (seen_rows.append(len(y)), real(x, y, **kw))[1])
+    real = rankings_module.rank_heads
+    monkeypatch.setattr(rankings_module, "rank_heads",
+                        lambda x, y, **kw: (seen_rows.append(kw["rows"]), real(x, y, **kw))[1])
     dm = ActivationDataModule(str(tmp_path), top_k=2)
     dm.setup("fit")
     assert set(dm.selected_heads) == {(1, 2), (2, 0)}
-    assert seen_rows == [len(dm.splits["train"])]
+    assert len(seen_rows) == 1 and torch.equal(seen_rows[0], dm.splits["train"])
     torch.testing.assert_close(dm.features, torch.cat([features[:, l, h] for l, h in dm.selected_heads], dim=1))
 
 

@@ -12,4 +12,7 @@ VERBS: dict[str, str] = {
     "loao": "leave-one-attack-out generalization of the configured detector, fold by fold",
     "ablate": "answers with the top-k located heads ablated, against no ablation and random heads",
     "data": "build a prompt set and save it with its dataset card (`sahs data build --config ...`)",
+    "export": "write a trained detector (--ckpt_path) as safetensors + JSON that load without Lightning",
+    "guard": "answer JSONL prompts through a model, refusing those an exported detector flags at the first token",
+    "cache": "check an activation cache (`verify DIR`) or re-extract only its bad rows (`repair DIR --config C`)",
 }

@@ -31,25 +31,28 @@ def main(argv: list[str]) -> None:
     from sahs.commands.run_config import parse
     from sahs.experiments import LoaoSettings
     from sahs.experiments.loao import leave_one_attack_out
+    from sahs.data.rankings import RankingStore
     from sahs.experiments.transfer import transfer_matrix
 
     options, run = parse("loao", argv, keep_logger=True)
     run.ensure_cache()
     datamodule = run.datamodule
     layers = datamodule.candidate_layers()
-    features = datamodule.read_layers(layers)
+    features = datamodule.read_layers(layers, dtype=None)  # stored dtype (float16): folds convert what they use
+    rankings = RankingStore.for_cache(datamodule.cache)  # a ranking per fold, computed once and kept
     labels, attacks, groups = datamodule.labels, datamodule.column("attack"), datamodule.column("group")
     detector = run.module.detector
     if getattr(detector, "head_dim", 0) is None:  # group lasso needs each head's width
         detector.head_dim = datamodule.head_dim
     settings = LoaoSettings(top_k=_top_k(options.top_k, datamodule.hparams.top_k), detector=detector, seed=run.seed)
     result = leave_one_attack_out(features, labels, attacks, settings, layers=layers, groups=groups,
-                                  progress=lambda line: print(f"[sahs] loao {line}", flush=True))
+                                  progress=lambda line: print(f"[sahs] loao {line}", flush=True), rankings=rankings)
     output = Path(options.output or run.root_dir / "loao")
     result.save(output)
     summary = result.summary()
     if options.transfer:
-        transfer = transfer_matrix(features, labels, attacks, settings, layers=layers, groups=groups)
+        transfer = transfer_matrix(features, labels, attacks, settings, layers=layers, groups=groups,
+                                   rankings=rankings)
         transfer.save(output)
         transfer.plot(output / "transfer.png")
         summary.update({f"transfer/{a}->{b}": float(transfer.auroc[i, j])

@@ -21,7 +21,7 @@ class Options:
 
 def main(argv: list[str]) -> None:
     from sahs.commands.run_config import parse
-    from sahs.eval.probes import rank_heads
+    from sahs.data.rankings import RankingStore
 
     options, run = parse("locate", argv)
     run.ensure_cache()
@@ -30,11 +30,11 @@ def main(argv: list[str]) -> None:
     if ranking is None:  # explicit heads, or every head of some layers: rank the candidates here
         layers = datamodule.candidate_layers()
         train = datamodule.splits["train"]
-        features = datamodule.read_layers(layers)[train]
+        features = datamodule.read_layers(layers, dtype=None)  # the stored dtype; probes convert chunk by chunk
         print(f"[sahs] ranking {features.shape[1] * features.shape[2]} heads on {len(train)} training prompts")
-        ranking = rank_heads(features, datamodule.labels[train], layers=layers, seed=datamodule.hparams.seed,
-                             attacks=datamodule.column("attack")[train.numpy()],
-                             groups=datamodule.column("group")[train.numpy()])
+        ranking = RankingStore.for_cache(datamodule.cache).rank(
+            features, datamodule.labels, rows=train, layers=layers, seed=datamodule.hparams.seed,
+            attacks=datamodule.column("attack"), groups=datamodule.column("group"))
     output = Path(options.output or run.root_dir / "locate")
     ranking.save(output)
     top = ranking.top(min(options.top_k, ranking.auroc.numel()))

@@ -4,11 +4,15 @@ Layout of a cache folder::
 
     fingerprint.json            what produced it (model, prompt set, extraction settings)
     shards/r000-00000.safetensors   "activations" [rows, layers, heads, head_dim], one rank's rows
-    shards/r000-00000.json          sidecar: prompt ids and the shard's sha256; written last, so a
-                                    shard without a valid sidecar is unfinished and gets redone
-    manifest.json               every prompt's id, label, attack, source, category, split, shard, row
+    shards/r000-00000.json          sidecar: prompt ids, size and sha256 of the shard and its header;
+                                    written last, so a shard without one is unfinished and gets redone
+    manifest.json               every prompt's id, label, attack, source, category, split, shard, row;
+                                every shard's size and checksums; its own checksum. Written last.
+    .lock                       held (flock) by the one extraction that may write here
 
-Shards are written to a temporary name and renamed, so a killed extraction leaves only whole shards.
+A finished cache is checked before use: cheaply when opened (every shard there, with the size and
+header recorded), fully on the first read in a process (each shard's sha256, lazily per shard). A damaged
+cache is refused with the shard named and the command that re-extracts only its rows.
 Reads are memory-mapped (safetensors) and touch only the pages of the heads asked for.
 """
 
@@ -23,35 +27,51 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 
-FORMAT_VERSION = 1
-TENSOR = "activations"
-OWN_ENTRIES = {"fingerprint.json", "manifest.json", "shards"}
+from sahs.data.faults import kill_point
+from sahs.data.shards import (  # noqa: F401  (re-exported: the cache's writing side)
+    SHARD_DIR,
+    TENSOR,
+    ShardWriter,
+    drop_duplicate_shards,
+    finished_shards,
+    recorded_ids,
+    shard_problems,
+    write_file,
+)
+from sahs.errors import UserError
+
+FORMAT_VERSION = 2
+OWN_ENTRIES = {"fingerprint.json", "manifest.json", SHARD_DIR, "rankings"}  # rankings: head rankings kept for reuse
 META_COLUMNS = ("id", "label", "attack", "source", "category", "split", "group")
 
 
-class CacheMissingError(FileNotFoundError):
+class CacheMissingError(UserError, FileNotFoundError):
     """No finished cache where one was expected."""
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(UserError, ValueError):
     """A cache exists but was made by another model, prompt set or extraction setting."""
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+class CacheDamagedError(UserError, RuntimeError):
+    """A finished cache whose files are not the ones written: missing, truncated or corrupt."""
+
+    def __init__(self, root: Path, problems: Sequence[str], rows: int | None = None):
+        self.root, self.problems, self.rows = Path(root), list(problems), rows
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        affected = f" the {rows} rows affected" if rows else " what is affected"
+        super().__init__(f"the activation cache at {root} is damaged: {problems[0]}{more}. "
+                         f"Run `{repair_command(root)}` to re-extract{affected}")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def repair_command(root: str | os.PathLike[str]) -> str:
+    return f"sahs cache repair {root} --config <run config>"
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def fingerprint_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -64,7 +84,29 @@ def fingerprint_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def read_fingerprint(root: Path) -> dict[str, Any] | None:
     path = Path(root) / "fingerprint.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        fingerprint = json.loads(path.read_text())
+    except ValueError:
+        raise CacheDamagedError(root, ["fingerprint.json is not valid JSON"]) from None
+    if not isinstance(fingerprint, dict):
+        raise CacheDamagedError(root, ["fingerprint.json is not a JSON object"])
+    return fingerprint
+
+
+def fingerprint_bytes(fingerprint: dict[str, Any]) -> bytes:
+    """``fingerprint.json`` as written; the manifest records its sha256."""
+    return json.dumps(fingerprint, indent=2, sort_keys=True).encode()
+
+
+def _vouched_by_manifest(root: Path, fingerprint: dict[str, Any]) -> bool:
+    """The manifest was written with exactly this fingerprint, whatever fingerprint.json now holds."""
+    try:
+        recorded = json.loads((root / "manifest.json").read_text())["fingerprint_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return recorded == hashlib.sha256(fingerprint_bytes(fingerprint)).hexdigest()
 
 
 def check_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool) -> list[str]:
@@ -80,8 +122,14 @@ def check_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool) -> list
     if foreign:
         raise CacheMismatchError(f"{root} holds files that are not an activation cache ({foreign[:5]}): "
                                  "choose an empty or cache-only folder for `cache_dir`")
-    old = read_fingerprint(root)
-    changed = fingerprint_diff(old, fingerprint) if old is not None and old != fingerprint else []
+    if _vouched_by_manifest(root, fingerprint):  # a damaged fingerprint.json that the manifest can restore
+        return []
+    try:
+        old = read_fingerprint(root)
+    except CacheDamagedError:
+        changed = ["fingerprint.json (unreadable)"]
+    else:
+        changed = fingerprint_diff(old, fingerprint) if old is not None and old != fingerprint else []
     if changed and not rebuild:
         raise CacheMismatchError(
             f"the activation cache at {root} was made with other settings (changed: {', '.join(changed)}). "
@@ -102,99 +150,28 @@ def prepare_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool) -> No
         for name in OWN_ENTRIES:
             target = root / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    if read_fingerprint(root) is None:
-        _write_atomic(root / "fingerprint.json", json.dumps(fingerprint, indent=2, sort_keys=True).encode())
-
-
-class ShardWriter:
-    """Buffers one rank's rows and writes them as whole shards.
-
-    At most one shard's rows (plus the batch being added) are held in memory, already in the
-    storage dtype, so host memory does not grow with the number of prompts.
-    """
-
-    def __init__(self, root: Path, layout: dict[str, Any], rank: int = 0, shard_size: int = 256,
-                 dtype: torch.dtype = torch.float16):
-        self.dir = Path(root) / "shards"
-        self.layout = layout
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.rank, self.shard_size, self.dtype = rank, shard_size, dtype
-        taken = [int(p.stem.split("-")[1]) for p in self.dir.glob(f"r{rank:03d}-*.safetensors")]
-        self.next_index = max(taken, default=-1) + 1
-        self._ids: list[str] = []
-        self._rows: list[torch.Tensor] = []
-
-    def add(self, ids: Sequence[str], activations: torch.Tensor) -> None:
-        """Queue rows ``[batch, layers, heads, head_dim]``; full shards go to disk at once."""
-        self._ids.extend(ids)
-        self._rows.extend(activations.detach().to("cpu", self.dtype).unbind(0))
-        while len(self._ids) >= self.shard_size:
-            self._write(self.shard_size)
-
-    def close(self) -> None:
-        if self._ids:
-            self._write(len(self._ids))
-
-    def _write(self, count: int) -> None:
-        ids, self._ids = self._ids[:count], self._ids[count:]
-        rows, self._rows = self._rows[:count], self._rows[count:]
-        stem = f"r{self.rank:03d}-{self.next_index:05d}"
-        self.next_index += 1
-        tensor_path = self.dir / f"{stem}.safetensors"
-        tmp = tensor_path.with_name(f".{tensor_path.name}.tmp")
-        save_file({TENSOR: torch.stack(rows).contiguous()}, str(tmp))
-        os.replace(tmp, tensor_path)
-        sidecar = {"ids": ids, "sha256": _sha256(tensor_path), "layout": self.layout}
-        _write_atomic(self.dir / f"{stem}.json", json.dumps(sidecar).encode())
-
-
-def finished_shards(root: Path, verify: bool = True) -> dict[str, dict[str, Any]]:
-    """Shard stem -> its sidecar (prompt ids, checksum, layout), for every shard that is whole.
-
-    A shard with no sidecar (killed mid-write) or a wrong checksum (truncated, corrupt) is removed,
-    so that its prompts are extracted again.
-    """
-    shard_dir = Path(root) / "shards"
-    shards: dict[str, dict[str, Any]] = {}
-    for tensor_path in sorted(shard_dir.glob("r*.safetensors")):
-        sidecar_path = tensor_path.with_suffix(".json")
-        sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.exists() else None
-        if sidecar is None or (verify and _sha256(tensor_path) != sidecar["sha256"]):
-            print(f"[sahs] discarding unfinished or corrupt shard {tensor_path.name}; its prompts are redone")
-            tensor_path.unlink()
-            sidecar_path.unlink(missing_ok=True)
-            continue
-        shards[tensor_path.stem] = sidecar
-    for tmp in shard_dir.glob(".*.tmp"):
-        tmp.unlink()
-    return shards
-
-
-def recorded_ids(root: Path) -> set[str]:
-    """Prompt ids of the shards that have a sidecar, read without checking or removing anything.
-
-    Safe while other ranks write: a sidecar is renamed into place only after its shard.
-    """
-    ids: set[str] = set()
-    for sidecar in (Path(root) / "shards").glob("r*.json"):
-        if sidecar.with_suffix(".safetensors").exists():
-            ids.update(json.loads(sidecar.read_text())["ids"])
-    return ids
+    path = root / "fingerprint.json"
+    if not path.exists() or path.read_bytes() != fingerprint_bytes(fingerprint):  # absent, or restored
+        write_file(path, fingerprint_bytes(fingerprint))
 
 
 def write_manifest(root: Path, records: Iterable[dict[str, Any]]) -> None:
-    """Tie all ranks' shards together; fails if a prompt has no row or has two."""
-    where: dict[str, tuple[str, int]] = {}
-    shards = finished_shards(root, verify=False)
+    """Tie all ranks' shards together; fails if a prompt has no row. Call it while holding the lock.
+
+    A prompt in two shards (two extractions into one folder, before locks) is taken from the first.
+    """
+    root = Path(root)
+    shards = drop_duplicate_shards(root, finished_shards(root, verify=False))
+    if not shards:
+        raise RuntimeError(f"{root}/shards holds no finished shard: nothing was extracted")
     layouts = {json.dumps(sidecar["layout"], sort_keys=True) for sidecar in shards.values()}
     if len(layouts) != 1:
-        raise RuntimeError(f"the shards in {root} disagree on their layout: {sorted(layouts)}")
-    layout = shards[next(iter(shards))]["layout"]
-    for stem, sidecar in shards.items():
+        raise RuntimeError(f"the shards in {root} disagree on their layout: {sorted(layouts)}; "
+                           f"`{repair_command(root)}` redoes them")
+    where: dict[str, tuple[str, int]] = {}
+    for stem, sidecar in shards.items():  # sorted by stem: the first copy of a prompt wins
         for row, prompt_id in enumerate(sidecar["ids"]):
-            if prompt_id in where:
-                raise RuntimeError(f"prompt {prompt_id!r} is in two shards ({where[prompt_id][0]}, {stem})")
-            where[prompt_id] = (stem, row)
+            where.setdefault(prompt_id, (stem, row))
     rows = []
     for record in records:
         if record["id"] not in where:
@@ -203,33 +180,104 @@ def write_manifest(root: Path, records: Iterable[dict[str, Any]]) -> None:
         meta = {c: record.get(c, "") for c in META_COLUMNS}
         meta["group"] = meta["group"] or meta["id"]  # a prompt of no named request is a request of its own
         rows.append({**meta, "shard": stem, "row": row})
-    manifest = {"format_version": FORMAT_VERSION, "complete": True, "layout": layout, "rows": rows}
-    _write_atomic(Path(root) / "manifest.json", json.dumps(manifest).encode())
+    used = {row["shard"] for row in rows}
+    table = {stem: {key: sidecar[key] for key in ("ids", "bytes", "sha256", "header_sha256")}
+             for stem, sidecar in shards.items() if stem in used}
+    fingerprint = root / "fingerprint.json"
+    manifest = {"format_version": FORMAT_VERSION, "complete": True, "layout": json.loads(layouts.pop()),
+                "fingerprint_sha256": hashlib.sha256(fingerprint.read_bytes()).hexdigest()
+                if fingerprint.exists() else None,
+                "shards": table, "rows": rows}
+    manifest["checksum"] = _digest(manifest)
+    kill_point("before_manifest")
+    write_file(root / "manifest.json", json.dumps(manifest).encode(), point="manifest_write")
+
+
+def load_manifest(root: Path) -> dict[str, Any]:
+    """The manifest of a finished cache, after checking its own checksum and the fingerprint's."""
+    root = Path(root)
+    path = root / "manifest.json"
+    if not path.exists():
+        raise CacheMissingError(
+            f"no finished activation cache at {root}: add sahs.callbacks.ActivationExtraction to "
+            "`trainer.callbacks` (it extracts before fitting) or run `sahs extract` with the same config")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        raise CacheDamagedError(root, ["manifest.json is not valid JSON"]) from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise CacheMismatchError(f"{root} has cache format {version}, this sahs reads {FORMAT_VERSION}: "
+                                 "re-extract it (`on_mismatch: rebuild`, or an empty `cache_dir`)")
+    body = {key: value for key, value in manifest.items() if key != "checksum"}
+    if manifest.get("checksum") != _digest(body):
+        raise CacheDamagedError(root, ["manifest.json does not match its checksum (corrupt)"])
+    fingerprint = root / "fingerprint.json"
+    if fingerprint.exists() and hashlib.sha256(fingerprint.read_bytes()).hexdigest() != manifest["fingerprint_sha256"]:
+        raise CacheDamagedError(root, ["fingerprint.json is not the one the manifest was written with"])
+    return manifest
+
+
+def manifest_problems(manifest: dict[str, Any]) -> list[str]:
+    """Rows that point outside their shard or at another prompt, and prompts listed twice."""
+    problems, seen = [], set()
+    for row in manifest["rows"]:
+        shard = manifest["shards"].get(row["shard"])
+        if shard is None or not 0 <= row["row"] < len(shard["ids"]) or shard["ids"][row["row"]] != row["id"]:
+            problems.append(f"manifest.json: prompt {row['id']!r} points at no row of its own")
+        if row["id"] in seen:
+            problems.append(f"manifest.json: prompt {row['id']!r} is listed twice")
+        seen.add(row["id"])
+    return problems
 
 
 def is_complete(root: Path, fingerprint: dict[str, Any]) -> bool:
-    manifest = Path(root) / "manifest.json"
-    return manifest.exists() and read_fingerprint(root) == fingerprint
+    """A finished cache made for ``fingerprint`` (not yet checked for damage: a damaged fingerprint.json
+    counts if the manifest was written with this fingerprint, so that opening the cache reports it)."""
+    if not (Path(root) / "manifest.json").exists():
+        return False
+    try:
+        if read_fingerprint(root) == fingerprint:
+            return True
+    except CacheDamagedError:
+        pass
+    return _vouched_by_manifest(Path(root), fingerprint)
 
 
 class ActivationCache:
-    """A finished cache, read lazily: ``read(heads)`` -> ``[prompts, len(heads), head_dim]``."""
+    """A finished cache, read lazily: ``read(heads)`` -> ``[prompts, len(heads), head_dim]``.
 
-    def __init__(self, root: str | os.PathLike[str]):
+    Opening it runs the cheap checks on every shard; ``checksums`` (the default) adds each shard's full
+    sha256 the first time this process reads it. Damage raises ``CacheDamagedError``, naming the shard.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], checksums: bool = True):
         self.root = Path(root)
-        manifest_path = self.root / "manifest.json"
-        if not manifest_path.exists():
-            raise CacheMissingError(
-                f"no finished activation cache at {self.root}: add sahs.callbacks.ActivationExtraction to "
-                "`trainer.callbacks` (it extracts before fitting) or run `sahs extract` with the same config")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise CacheMismatchError(f"{self.root} has cache format {manifest.get('format_version')}, "
-                                     f"this sahs reads {FORMAT_VERSION}: re-extract it")
+        manifest = load_manifest(self.root)
         self.fingerprint = read_fingerprint(self.root)
         self.rows: list[dict[str, Any]] = manifest["rows"]
         self.layout: dict[str, Any] = manifest["layout"]
         self.layers: list[int] = self.layout["layers"]  # model layer index of each stored layer
+        self.shards: dict[str, dict[str, Any]] = manifest["shards"]
+        self.checksums = checksums
+        self._raise_problems(manifest_problems(manifest) or shard_problems(self.shard_dir, self.shards, full=False))
+
+    @property
+    def shard_dir(self) -> Path:
+        return self.root / SHARD_DIR
+
+    def _raise_problems(self, problems: dict[str, str] | list[str]) -> None:
+        if not problems:
+            return
+        if isinstance(problems, list):
+            raise CacheDamagedError(self.root, problems)
+        rows = sum(1 for row in self.rows if row["shard"] in problems)
+        raise CacheDamagedError(self.root, [problems[stem] for stem in sorted(problems)], rows)
+
+    def verify(self, stems: Iterable[str] | None = None) -> None:
+        """Check the full checksums of ``stems`` (all shards by default); each file once per process."""
+        wanted = {stem: self.shards[stem] for stem in (self.shards if stems is None else stems)}
+        self._raise_problems(shard_problems(self.shard_dir, wanted, full=True))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -249,9 +297,16 @@ class ActivationCache:
     def all_heads(self) -> list[tuple[int, int]]:
         return [(layer, head) for layer in self.layers for head in range(self.layout["num_heads"])]
 
-    def read(self, heads: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
-        """Activations of ``heads`` (model ``(layer, head)`` pairs; all by default), in manifest order."""
+    def read(self, heads: Sequence[tuple[int, int]] | None = None,
+             dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Activations of ``heads`` (model ``(layer, head)`` pairs; all by default), in manifest order.
+
+        ``dtype=None`` keeps the stored dtype (float16 from an extraction: half the memory of float32),
+        as the head ranking and leave-one-attack-out read it; they convert a chunk of heads at a time.
+        """
         heads = list(self.all_heads() if heads is None else heads)
+        if not heads:
+            raise ValueError("no heads to read: name at least one (layer, head) pair")
         position = {layer: i for i, layer in enumerate(self.layers)}
         bad = [(l, h) for l, h in heads if l not in position or not 0 <= h < self.layout["num_heads"]]
         if bad:
@@ -260,17 +315,28 @@ class ActivationCache:
         by_shard: dict[str, list[tuple[int, int]]] = {}
         for index, row in enumerate(self.rows):
             by_shard.setdefault(row["shard"], []).append((index, row["row"]))
+        if self.checksums:
+            self.verify(by_shard)
         num_heads = self.layout["num_heads"]
         flat = [position[layer] * num_heads + head for layer, head in heads]
         select = None if flat == list(range(len(self.layers) * num_heads)) else torch.tensor(flat)
-        out = torch.empty(len(self.rows), len(heads), self.layout["head_dim"], dtype=torch.float32)
+        out = None
         for stem, pairs in by_shard.items():
             targets, rows = zip(*pairs)
-            with safe_open(str(self.root / "shards" / f"{stem}.safetensors"), framework="pt") as handle:
-                # Memory-mapped: only the pages of the heads selected below are read from disk.
-                stored = handle.get_tensor(TENSOR).flatten(1, 2)  # [shard_rows, layers * heads, head_dim]
-                picked = stored if select is None else stored.index_select(1, select)
-                if list(rows) != list(range(len(stored))):  # the manifest skips or reorders some rows
-                    picked = picked[torch.tensor(rows)]
-                out[torch.tensor(targets)] = picked.float()
-        return out
+            path = self.shard_dir / f"{stem}.safetensors"
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    # Memory-mapped: only the pages of the heads selected below are read from disk.
+                    stored = handle.get_tensor(TENSOR).flatten(1, 2)  # [shard_rows, layers * heads, head_dim]
+                    picked = stored if select is None else stored.index_select(1, select)
+                    if list(rows) != list(range(len(stored))):  # the manifest skips or reorders some rows
+                        picked = picked[torch.tensor(rows)]
+                    if out is None:
+                        shape = (len(self.rows), len(heads), self.layout["head_dim"])
+                        out = torch.empty(shape, dtype=dtype or picked.dtype)
+                    out[torch.tensor(targets)] = picked.to(out.dtype)
+            except (SafetensorError, OSError) as error:
+                raise CacheDamagedError(self.root, [f"{path.name} cannot be read ({error})"],
+                                        len(pairs)) from None
+        empty = (0, len(heads), self.layout["head_dim"])
+        return out if out is not None else torch.empty(empty, dtype=dtype or torch.float32)

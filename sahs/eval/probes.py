@@ -2,9 +2,10 @@
 
 Every (layer, head) gets a logistic regression on its own ``head_dim`` activation, fitted on a
 stratified part of the given rows and scored by AUROC on the rest. All probes of a chunk of heads
-are solved together with batched ``[D+1, D+1]`` linear systems (``head_dim`` is small): steps with a
-fixed curvature bound, then Newton steps for the few probes that need them. No Python loop runs
-over heads; the AUROC is rank-based and batched too.
+are solved together (``sahs.eval.logistic.solve_probes``): one batched Gram product gives each probe
+a ``[D+1, D+1]`` curvature bound (``head_dim`` is small) that preconditions conjugate-gradient steps,
+and the few probes that need them take Newton steps. No Python loop runs over heads; the AUROC is
+rank-based and batched too.
 """
 
 from __future__ import annotations
@@ -18,78 +19,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from sahs.data.splits import split_rows
 from sahs.eval.heatmap import heatmap_figure, save_figure
+from sahs.eval.logistic import solve_probes
 from sahs.eval.metrics import batched_auroc
 
 RANKING_JSON = "head_ranking.json"
 RANKING_CSV = "head_ranking.csv"
-
-
-def _probe_loss(logits: torch.Tensor, theta: torch.Tensor, y: torch.Tensor, ridge: torch.Tensor) -> torch.Tensor:
-    bce = F.binary_cross_entropy_with_logits(logits, y.expand_as(logits), reduction="none").mean(dim=1)
-    return bce + 0.5 * (ridge * theta.pow(2)).sum(dim=1)  # [G]
-
-
-# A tiny ridge on the linear systems keeps the Cholesky factorizations safe; the gradient is exact,
-# so it changes the steps, not the optimum.
-_DAMPING = 1e-6
-
-
-def _gradient(design: torch.Tensor, theta: torch.Tensor, y: torch.Tensor, ridge: torch.Tensor):
-    logits = (design @ theta.unsqueeze(-1)).squeeze(-1)  # [A, n]
-    prob = torch.sigmoid(logits)
-    grad = ((prob - y).unsqueeze(1) @ design).squeeze(1) / design.shape[1] + ridge * theta  # [A, D + 1]
-    return logits, prob, grad
-
-
-def _bound_steps(design, y, ridge, theta, steps: int, tol: float) -> torch.Tensor:
-    """Steps with the fixed curvature bound ``X^T X / 4n`` (Bohning); updates ``theta``, returns unconverged probes."""
-    G, n, _ = design.shape
-    bound = design.transpose(1, 2) @ design / (4 * n) + torch.diag(ridge + _DAMPING)
-    factor, _ = torch.linalg.cholesky_ex(bound)  # [G, D + 1, D + 1], one factor per probe for all steps
-    active = torch.arange(G, device=design.device)
-    for _ in range(steps):
-        everyone = len(active) == G  # skip the gathers while no probe has converged
-        current = theta if everyone else theta[active]
-        _, _, grad = _gradient(design if everyone else design[active], current, y, ridge)
-        direction = torch.cholesky_solve(-grad.unsqueeze(-1), factor if everyone else factor[active]).squeeze(-1)
-        theta[active] = current + direction  # the bound majorizes the loss: a full step always lowers it
-        active = active[-(grad * direction).sum(dim=1) / 2 > tol]
-        if len(active) == 0:
-            break
-    return active
-
-
-def _newton_steps(design, y, ridge, theta, active: torch.Tensor, steps: int, tol: float) -> None:
-    """Newton steps with a per-probe Armijo line search for the probes in ``active``; updates ``theta``."""
-    n = design.shape[1]
-    for _ in range(steps):
-        sub, current = design[active], theta[active]  # [A, n, D + 1], [A, D + 1]
-        logits, prob, grad = _gradient(sub, current, y, ridge)
-        hessian = (sub * (prob * (1 - prob)).unsqueeze(-1)).transpose(1, 2) @ sub / n
-        factor, _ = torch.linalg.cholesky_ex(hessian + torch.diag(ridge + _DAMPING))
-        direction = torch.cholesky_solve(-grad.unsqueeze(-1), factor).squeeze(-1)
-        slope = (grad * direction).sum(dim=1)  # [A]: minus the squared Newton decrement
-        going = -slope / 2 > tol
-        if not going.any():
-            return
-        active, sub, current, logits = active[going], sub[going], current[going], logits[going]
-        direction, slope = direction[going], slope[going]
-        # Along the direction the logits move linearly, so each trial step costs no matrix product.
-        logits_step = (sub @ direction.unsqueeze(-1)).squeeze(-1)  # [A, n]
-        loss = _probe_loss(logits, current, y, ridge)
-        step = torch.ones_like(slope)
-        for _ in range(30):
-            trial = _probe_loss(logits + step[:, None] * logits_step, current + step[:, None] * direction, y, ridge)
-            accepted = trial <= loss + 1e-4 * step * slope
-            if accepted.all():
-                break
-            step = torch.where(accepted, step, step / 2)
-        theta[active] = current + step[:, None] * direction
 
 
 def fit_head_probes(
@@ -102,24 +40,65 @@ def fit_head_probes(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit ``G`` independent logistic regressions at once; returns ``(weight [G, D], bias [G])``.
 
-    ``x`` is ``[G, n, D]`` (one design per probe), ``y`` ``[n]``. Each probe minimizes mean BCE +
-    ``l2/2 * ||w||^2`` (bias unpenalized), the objective of ``LogisticDetector``.
-
-    First up to ``bound_iter`` steps with the fixed curvature bound ``X^T X / 4n`` (one Cholesky
-    factor per probe, no line search), enough for heads whose probabilities stay away from 0 and 1,
-    i.e. most of them; probes still moving then take up to ``max_iter`` Newton steps. A probe stops
-    when its predicted loss decrease (half the squared Newton decrement) falls below ``tol``.
+    ``x`` is ``[G, n, D]`` (one design per probe; float16 is fitted in float32), ``y`` ``[n]``.
+    Each probe minimizes mean BCE + ``l2/2 * ||w||^2`` (bias unpenalized), the objective of
+    ``LogisticDetector``, with ``sahs.eval.logistic.solve_probes``: conjugate-gradient steps
+    preconditioned by the curvature bound, then up to ``max_iter`` steps in all (Newton steps after
+    ``bound_iter``); a probe stops when its predicted loss decrease is below ``tol``.
     """
-    G, n, D = x.shape
-    y = y.to(device=x.device, dtype=x.dtype)
-    design = torch.cat([x, x.new_ones(G, n, 1)], dim=2)  # [G, n, D + 1]; the last column is the bias
-    ridge = x.new_full((D + 1,), l2)
-    ridge[-1] = 0.0
-    theta = x.new_zeros(G, D + 1)
-    active = _bound_steps(design, y, ridge, theta, bound_iter, tol)
-    if len(active):
-        _newton_steps(design, y, ridge, theta, active, max_iter, tol)
-    return theta[:, :D], theta[:, D]
+    x = torch.as_tensor(x)
+    workspace = x.clone() if x.dtype in (torch.float32, torch.float64) else x.float()  # solve_probes may change it
+    fit = solve_probes(workspace, y, l2=l2, tol=tol, max_iter=max_iter, bound_iter=bound_iter)
+    return fit.weight, fit.bias
+
+
+# Workspace of one chunk of heads: its rows in the stored dtype plus a float32 copy, heads first.
+_CHUNK_BYTES = 48 * 2**20
+
+
+def _holdout_logits(
+    flat: torch.Tensor,
+    fit_rows: torch.Tensor,
+    holdout_rows: torch.Tensor,
+    y_fit: torch.Tensor,
+    *,
+    l2: float,
+    max_iter: int,
+    tol: float,
+    standardize: bool,
+    heads_per_chunk: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Fit a probe per head of ``flat [n, heads, head_dim]`` on ``fit_rows``; its logits on ``holdout_rows``.
+
+    Heads go through two reused buffers a chunk at a time (gather the rows, then one copy to float32
+    on ``device``, heads first), so the features are never copied or converted
+    whole. Returns ``[heads, n_holdout]`` on the CPU.
+    """
+    _, heads, head_dim = flat.shape
+    rows = torch.cat([fit_rows, holdout_rows]).to(flat.device)
+    m, n_fit = len(rows), len(fit_rows)
+    per_head = m * head_dim * (flat.element_size() + 4)
+    chunk = max(1, min(heads_per_chunk, heads, _CHUNK_BYTES // per_head))
+    stored = torch.empty(chunk * m * head_dim, dtype=flat.dtype, device=flat.device)
+    work = torch.empty(chunk * m * head_dim, dtype=torch.float32, device=device)
+    y = y_fit.to(device=device, dtype=torch.float32)
+    ones_and_y = torch.stack([torch.ones_like(y), y], dim=1)  # [n_fit, 2]
+    logits = torch.empty(heads, len(holdout_rows))
+    for start in range(0, heads, chunk):
+        size = min(chunk, heads - start)
+        gathered = stored[: size * m * head_dim].view(m, size, head_dim)
+        torch.index_select(flat[:, start : start + size], 0, rows, out=gathered)
+        x = work[: size * m * head_dim].view(size, m, head_dim)
+        x.copy_(gathered.permute(1, 0, 2))  # [heads, rows, head_dim] in float32
+        sums = torch.bmm(x[:, :n_fit].transpose(1, 2), ones_and_y.expand(size, n_fit, 2))  # [size, head_dim, 2]
+        if not torch.isfinite(sums).all():  # NaN/inf reach the sums
+            raise ValueError(f"features of heads {start}..{start + size - 1} (flat index) are not finite")
+        probe = dict(l2=l2, standardize=standardize, tol=tol, max_iter=max_iter)
+        fit = solve_probes(x[:, :n_fit], y, mean=sums[:, :, 0] / n_fit, xty=sums[:, :, 1], **probe)
+        holdout = torch.bmm(fit.weight[:, None, :], x[:, n_fit:].transpose(1, 2))[:, 0] + fit.bias[:, None]
+        logits[start : start + size] = holdout.cpu()
+    return logits
 
 
 @dataclass
@@ -167,10 +146,8 @@ class HeadRanking:
             raise KeyError(f"layer {layer} was not ranked; the ranking covers layers {self.layers}")
         return self.layers.index(layer)
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``head_ranking.json`` (full matrices) and ``head_ranking.csv`` (one row per head, best first)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+    def to_json(self) -> str:
+        """The JSON that ``save`` writes and ``load`` reads (full matrices and meta; no pickle)."""
         payload = {
             "layers": self.layers,
             "heads": self.shape[1],
@@ -178,7 +155,13 @@ class HeadRanking:
             "accuracy": self.accuracy.tolist(),
             "meta": self.meta,
         }
-        (directory / RANKING_JSON).write_text(json.dumps(payload, indent=1))
+        return json.dumps(payload, indent=1)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``head_ranking.json`` (full matrices) and ``head_ranking.csv`` (one row per head, best first)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / RANKING_JSON).write_text(self.to_json())
         with open(directory / RANKING_CSV, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["rank", "layer", "head", "auroc", "accuracy"])
@@ -222,6 +205,7 @@ def rank_heads(
     features: torch.Tensor,
     labels: torch.Tensor,
     *,
+    rows: torch.Tensor | None = None,
     layers: Sequence[int] | None = None,
     groups: Sequence | np.ndarray | None = None,
     attacks: Sequence[str] | np.ndarray | None = None,
@@ -232,22 +216,27 @@ def rank_heads(
     tol: float = 1e-8,
     standardize: bool = True,
     heads_per_chunk: int = 64,
+    device: str | torch.device | None = None,
 ) -> HeadRanking:
     """Score every head by a logistic probe on its activation; uses only the rows given.
 
     Args:
         features: Activations ``[n, layers, heads, head_dim]`` (float16 or float32).
         labels: ``[n]``, 0 benign and 1 malicious.
+        rows: Rank on these rows only (indices into ``features``, ``labels``, ``groups`` and
+            ``attacks``); the features are read in place, never copied whole. All rows when None.
         layers: Model layer number of each entry of the layer axis (``0..layers-1`` when None).
         groups: Request id of each row: a request never sits on both sides of the probes' hold-out.
         attacks: Attack family of each row, to stratify the hold-out by (label, attack).
         holdout_fraction: Share of each stratum held out to score the probes.
         seed: Seed of the split.
         l2: Probe penalty ``l2/2 * ||w||^2`` on the mean BCE (as ``LogisticDetector``).
-        max_iter: Most Newton iterations, for the probes the bound steps leave unconverged.
-        tol: Stop when every probe's predicted loss decrease (half the squared Newton decrement) is below this.
+        max_iter: Most iterations of a probe (conjugate-gradient steps, then Newton steps after 15).
+        tol: A probe stops when its predicted loss decrease (half its preconditioned squared gradient) is below this.
         standardize: Scale each head dimension by mean/std of the probe-fitting rows.
-        heads_per_chunk: Heads solved together; memory is about ``16 * n * heads_per_chunk * head_dim`` bytes.
+        heads_per_chunk: Most heads solved together (fewer when their rows would pass 48 MiB of workspace).
+        device: Where the probes are fitted (e.g. ``"cuda"``); default the features' device. Chunks of
+            heads are copied there one at a time, so the features themselves may stay in CPU memory.
     """
     features = torch.as_tensor(features)
     labels = torch.as_tensor(labels).cpu()
@@ -258,27 +247,18 @@ def rank_heads(
     n, layers, heads, head_dim = features.shape
     if layers_given is not None and len(layers_given) != layers:
         raise ValueError(f"{len(layers_given)} layer numbers given for features with {layers} layers")
-    fit_rows, holdout_rows = split_rows(labels, [holdout_fraction], seed, attacks=attacks, groups=groups,
-                                        part="head ranking rows", both_classes=True)
+    rows = torch.arange(n) if rows is None else torch.as_tensor(rows).cpu().long()
+    pick = (lambda values: None if values is None else np.asarray(values)[rows.numpy()])
+    fit_part, holdout_part = split_rows(labels[rows], [holdout_fraction], seed, attacks=pick(attacks),
+                                        groups=pick(groups), part="head ranking rows", both_classes=True)
+    fit_rows, holdout_rows = rows[fit_part], rows[holdout_part]
     flat = features.reshape(n, layers * heads, head_dim)
     y_fit, y_holdout = labels[fit_rows].float(), labels[holdout_rows]
-    auroc = torch.empty(layers * heads, dtype=torch.float64)
-    accuracy = torch.empty(layers * heads, dtype=torch.float64)
-    for start in range(0, layers * heads, heads_per_chunk):
-        chunk = slice(start, min(start + heads_per_chunk, layers * heads))
-        x_fit = flat[fit_rows, chunk].float().transpose(0, 1).contiguous()  # [G, n_fit, head_dim]
-        x_holdout = flat[holdout_rows, chunk].float().transpose(0, 1)  # [G, n_holdout, head_dim]
-        if not (torch.isfinite(x_fit.sum()) and torch.isfinite(x_holdout.sum())):  # NaN/inf reach the sums
-            raise ValueError(f"features of heads {chunk.start}..{chunk.stop - 1} (flat index) are not finite")
-        if standardize:
-            mean = x_fit.mean(dim=1, keepdim=True)
-            x_fit = x_fit - mean
-            std = x_fit.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-6)  # population std, as StandardScaler
-            x_fit, x_holdout = x_fit / std, (x_holdout - mean) / std
-        weight, bias = fit_head_probes(x_fit, y_fit, l2=l2, max_iter=max_iter, tol=tol)
-        logits = (torch.einsum("gnd,gd->gn", x_holdout, weight) + bias[:, None]).cpu()  # [G, n_holdout]
-        auroc[chunk] = batched_auroc(logits, y_holdout, part="probe held-out rows")
-        accuracy[chunk] = ((logits >= 0) == y_holdout.bool()).double().mean(dim=1)
+    device = features.device if device is None else torch.device(device)
+    settings = dict(l2=l2, max_iter=max_iter, tol=tol, standardize=standardize, heads_per_chunk=heads_per_chunk)
+    logits = _holdout_logits(flat, fit_rows, holdout_rows, y_fit, device=device, **settings)  # [heads, n_holdout]
+    auroc = batched_auroc(logits, y_holdout, part="probe held-out rows")
+    accuracy = ((logits >= 0) == y_holdout.bool()).double().mean(dim=1)
     meta = dict(n_fit=len(fit_rows), n_holdout=len(holdout_rows), holdout_fraction=holdout_fraction, seed=seed, l2=l2)
     meta.update(standardize=standardize, head_dim=head_dim)
     layer_numbers = list(range(layers)) if layers_given is None else [int(layer) for layer in layers_given]

@@ -32,6 +32,7 @@ import torch
 from sahs.data.splits import split_rows
 from sahs.eval.metrics import require_classes
 from sahs.experiments.heads import HeadDetector, fit_head_detector
+from sahs.data.rankings import RankingStore
 from sahs.experiments.settings import LoaoSettings
 
 
@@ -213,6 +214,7 @@ def leave_one_attack_out(
     layers: Sequence[int] | None = None,
     groups: Sequence | np.ndarray | None = None,
     progress: Callable[[str], None] | None = None,
+    rankings: RankingStore | None = None,
 ) -> LoaoResult:
     """One fold per attack family; see the module docstring for what each fold may see.
 
@@ -226,6 +228,8 @@ def leave_one_attack_out(
         layers: Model layer number of each entry of the features' layer axis (``0..L-1`` when None).
         groups: Request id of each prompt; a request tested in a fold never reaches its training.
         progress: Called with a line such as ``"fold 2/5 'typo'"`` before each fold is fitted.
+        rankings: Where each fold's head ranking is looked up and kept (``RankingStore``), so that
+            runs differing only in top_k, detector or its regularization fit detectors only.
     """
     features, labels, attacks, groups = _as_columns(features, labels, attacks, groups)
     folds = loao_folds(labels, attacks, groups, seed=settings.seed)
@@ -233,13 +237,12 @@ def leave_one_attack_out(
     for index, fold in enumerate(folds, start=1):
         if progress is not None:
             progress(f"fold {index}/{len(folds)} {fold.attack!r}")
-        rows = fold.train_rows.numpy()
+        # Folds pass row indices: the features are read in place, never copied per fold.
         fitted = fit_head_detector(
-            features[fold.train_rows], labels[fold.train_rows], settings, layers=layers,
-            attacks=attacks[rows], groups=None if groups is None else groups[rows],
-            name=f"fold {fold.attack!r}: the training families")
-        metrics = fitted.evaluate(features[fold.test_rows], labels[fold.test_rows],
-                                  part=f"fold {fold.attack!r}: the held-out prompts")
+            features, labels, settings, rows=fold.train_rows, layers=layers, attacks=attacks, groups=groups,
+            name=f"fold {fold.attack!r}: the training families", rank=None if rankings is None else rankings.rank)
+        metrics = fitted.evaluate(features, labels, part=f"fold {fold.attack!r}: the held-out prompts",
+                                  rows=fold.test_rows)
         results.append(FoldResult(fold.attack, len(fold.train_rows), len(fold.test_rows), metrics, fitted.heads,
                                   fitted.threshold, fold.removed, fold.benign_share, fitted))
     return LoaoResult(results)

@@ -14,6 +14,7 @@ from sahs.data.splits import split_rows
 from sahs.eval.heatmap import plot_heatmap
 from sahs.experiments.heads import fit_head_detector
 from sahs.experiments.loao import _as_columns
+from sahs.data.rankings import RankingStore
 from sahs.experiments.settings import LoaoSettings
 
 
@@ -55,6 +56,7 @@ def transfer_matrix(
     test_fraction: float = 0.3,
     layers: Sequence[int] | None = None,
     groups: Sequence | np.ndarray | None = None,
+    rankings: RankingStore | None = None,
 ) -> TransferResult:
     """Train on one family, test on each family; the families with malicious prompts, ordered as ``np.unique``.
 
@@ -64,6 +66,7 @@ def transfer_matrix(
     part, so each column is measured on the same prompts and no test request is ever trained on.
     A family with no benign prompts of its own (a jailbreak benchmark) is joined, on each side, by
     that side's part of the benign-only families (MM-Vet, XSTest-safe, ...), as in LOAO.
+    ``rankings`` (a ``RankingStore``) looks up and keeps each family's head ranking.
     """
     features, labels, attacks, groups = _as_columns(features, labels, attacks, groups)
     y = labels.numpy()
@@ -80,14 +83,14 @@ def transfer_matrix(
 
     table = []
     for source in families:
-        rows = np.flatnonzero(rows_of(source) & in_train)
+        rows = torch.as_tensor(np.flatnonzero(rows_of(source) & in_train))
         fitted = fit_head_detector(
-            features[rows], labels[rows], settings, layers=layers, attacks=attacks[rows],
-            groups=None if groups is None else groups[rows], name=f"family {source!r} training part")
+            features, labels, settings, rows=rows, layers=layers, attacks=attacks, groups=groups,
+            name=f"family {source!r} training part", rank=None if rankings is None else rankings.rank)
         row = []
         for target in families:
             rows = torch.as_tensor(np.flatnonzero(rows_of(target) & ~in_train))
-            row.append(fitted.evaluate(features[rows], labels[rows], part=f"family {target!r} test part"))
+            row.append(fitted.evaluate(features, labels, part=f"family {target!r} test part", rows=rows))
         table.append(row)
     auroc = torch.tensor([[cell["auroc"] for cell in row] for row in table], dtype=torch.float64)
     return TransferResult(families, auroc, table)

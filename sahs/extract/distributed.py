@@ -26,15 +26,19 @@ from sahs.data import cache as cache_io
 from sahs.extract.adapters import find_adapter
 from sahs.extract.hooks import HeadCapture
 from sahs.extract.models import ModelConfig, load_model, release
+from sahs.prompts.schema import read_image
 from sahs.extract.pipeline import (
     CACHE_DTYPES,
     ExtractionPlan,
     ExtractionSettings,
     cache_layout,
     capture_batch,
+    check_inputs,
     expected_fingerprint,
     finish_cache,
     plan_extraction,
+    undecoded,
+    verified,
 )
 
 # Trainer arguments that extraction sets itself (a fit config's values would break it). Precision is
@@ -48,14 +52,15 @@ class _PromptRows(Dataset):
     """The records of ``prompts`` at ``indices`` (id, text, decoded image)."""
 
     def __init__(self, prompts: datasets.Dataset, indices: list[int]):
-        self.rows = prompts.select_columns(list(RECORD_COLUMNS))
+        self.rows = undecoded(prompts)
         self.indices = indices
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.rows[self.indices[i]]
+        row = self.rows[self.indices[i]]
+        return {**row, "image": read_image(row["id"], row["image"])}
 
 
 def _collate(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -67,15 +72,16 @@ class ExtractionData(L.LightningDataModule):
     """The prompts that the cache still lacks; rank 0 readies the folder before any rank reads it."""
 
     def __init__(self, root: Path, prompts: datasets.Dataset, fingerprint: dict[str, Any],
-                 settings: ExtractionSettings, rebuild: bool):
+                 settings: ExtractionSettings, rebuild: bool, repair: bool = False):
         super().__init__()
         self.root, self.prompts, self.fingerprint = Path(root), prompts, fingerprint
-        self.settings, self.rebuild = settings, rebuild
+        self.settings, self.rebuild, self.repair = settings, rebuild, repair
         self.plan: ExtractionPlan | None = None
 
     def setup(self, stage: str) -> None:
         self.plan = plan_extraction(self.root, self.fingerprint, self.prompts, rebuild=self.rebuild,
-                                    rank=self.trainer.global_rank, barrier=self.trainer.strategy.barrier)
+                                    repair=self.repair, rank=self.trainer.global_rank,
+                                    barrier=self.trainer.strategy.barrier, lock_timeout=self.settings.lock_timeout)
 
     def predict_dataloader(self) -> DataLoader:
         assert self.plan is not None, "setup() runs first"
@@ -126,7 +132,8 @@ class FrozenExtractor(L.LightningModule):
 
 
 class ShardPredictionWriter(BasePredictionWriter):
-    """Writes each rank's rows as its own shards; at teardown, after a barrier, rank 0 writes the manifest.
+    """Writes each rank's rows as its own shards; at teardown, after a barrier, rank 0 writes the manifest
+    (unless the cache was found finished once the lock was held) and releases the folder's lock.
 
     Teardown runs on every rank, also on one that got no prompts (its predict loop is skipped) and
     when nothing was left to extract, so the barriers always match.
@@ -154,8 +161,11 @@ class ShardPredictionWriter(BasePredictionWriter):
             self._writer.close()
             self._writer = None
         trainer.strategy.barrier("sahs_shards_written")
-        if trainer.is_global_zero:
+        plan = trainer.datamodule.plan
+        if trainer.is_global_zero and plan is not None and not plan.reused:
             finish_cache(self.root, self.prompts)
+        if plan is not None:
+            plan.release()
         trainer.strategy.barrier("sahs_manifest_written")
 
 
@@ -166,6 +176,7 @@ def extract_with_trainer(
     settings: ExtractionSettings,
     *,
     on_mismatch: Literal["error", "rebuild"] = "error",
+    repair: bool = False,
     accelerator: str | Accelerator = "auto",
     devices: int | str | list[int] = "auto",
     num_nodes: int = 1,
@@ -173,36 +184,41 @@ def extract_with_trainer(
     progress: bool = True,
     **trainer_kwargs: Any,
 ) -> str:
-    """Fill ``cache_dir`` with a Lightning predict run; returns ``reused``, ``built`` or ``resumed``.
+    """Fill ``cache_dir`` with a Lightning predict run; returns reused, built, resumed or repaired.
 
-    The same rules as ``ensure_cache``: a finished cache with the same fingerprint is reused without
-    loading the model, another one is refused (``on_mismatch="error"``) or rebuilt, and prompts in
-    finished shards are skipped. With ``strategy="ddp"`` every process runs this function (Lightning
-    relaunches the script); the model's device comes from the Trainer, its dtype from ``model_cfg``.
-    ``resumed`` means that finished shards were there before the run. Other keyword arguments go to
-    ``lightning.Trainer`` (e.g. ``plugins`` for a cluster environment), except ``OWN_TRAINER_ARGS``.
+    The same rules as ``ensure_cache``: a finished cache with the same fingerprint is verified and reused
+    without loading the model (a damaged one is refused unless ``repair``), another one is refused
+    (``on_mismatch="error"``) or rebuilt, and prompts in finished shards are skipped. With
+    ``strategy="ddp"`` every process runs this function (Lightning relaunches the script); the model's
+    device comes from the Trainer, its dtype from ``model_cfg``. ``resumed`` means that finished shards
+    were there before the run. Other keyword arguments go to ``lightning.Trainer`` (e.g. ``plugins`` for
+    a cluster environment), except ``OWN_TRAINER_ARGS``.
     """
     clashing = sorted(OWN_TRAINER_ARGS & set(trainer_kwargs))
     if clashing:
         raise ValueError(f"extraction sets the Trainer arguments {clashing} itself; leave them out")
+    check_inputs(prompts, settings)
     root = Path(cache_dir)
     fingerprint = expected_fingerprint(model_cfg, prompts, settings)
-    if cache_io.is_complete(root, fingerprint):
+    if not repair and verified(root, fingerprint):
         return "reused"
     rebuild = on_mismatch == "rebuild"
-    # Refuse a mismatch here, before any process is started.
-    changed = cache_io.check_folder(root, fingerprint, rebuild)
-    resuming = not changed and cache_io.read_fingerprint(root) == fingerprint and bool(cache_io.recorded_ids(root))
+    cache_io.check_folder(root, fingerprint, rebuild)  # refuse a mismatch here, before any process is started
     trainer = L.Trainer(
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
         callbacks=[ShardPredictionWriter(root, prompts, settings)], logger=False, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=progress, use_distributed_sampler=False,
         inference_mode=True, precision="32-true", **trainer_kwargs,
     )
-    data = ExtractionData(root, prompts, fingerprint, settings, rebuild)
-    with warnings.catch_warnings():
-        # The loader only decodes images (the work is in predict_step); nothing left is a valid resume.
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*across ranks is zero.*")
-        trainer.predict(FrozenExtractor(model_cfg, settings), datamodule=data, return_predictions=False)
-    return "resumed" if resuming else "built"
+    data = ExtractionData(root, prompts, fingerprint, settings, rebuild, repair)
+    try:
+        with warnings.catch_warnings():
+            # The loader only decodes images (the work is in predict_step); nothing left is a valid resume.
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*across ranks is zero.*")
+            trainer.predict(FrozenExtractor(model_cfg, settings), datamodule=data, return_predictions=False)
+    finally:
+        if data.plan is not None:
+            data.plan.release()
+    assert data.plan is not None, "setup() plans the extraction"
+    return data.plan.status

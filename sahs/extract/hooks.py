@@ -47,7 +47,9 @@ class HeadCapture:
 
     ``run(forward, positions)`` calls ``forward()`` and returns ``[batch, layers, heads, head_dim]``
     for the layers in ``self.layers`` (all by default). With ``early_exit`` the forward stops right
-    after the last chosen layer's heads are read.
+    after the last chosen layer's heads are read. Inside a longer computation (generation), ``arm``
+    before the forward to read and ``collect`` after it; unarmed hooks let every other forward pass,
+    and ``remove`` takes them out early.
     """
 
     def __init__(self, adapter: ModelAdapter, layers: Sequence[int] | None = None, early_exit: bool = False):
@@ -66,6 +68,8 @@ class HeadCapture:
         stop_here = self.early_exit and layer == self.layers[-1]
 
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if self._positions is None:  # not armed: a forward this capture does not read
+                return
             z = args[0]  # [batch, pos, heads * head_dim]
             rows = torch.arange(z.shape[0], device=z.device)
             picked = z[rows, self._positions.to(z.device)]  # [batch, heads * head_dim]
@@ -81,27 +85,37 @@ class HeadCapture:
                 module = self.adapter.out_projs[layer]
                 self._handles.append(module.register_forward_pre_hook(self._hook(layer)))
         except BaseException:
-            self._remove()
+            self.remove()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._remove()
+        self.remove()
 
-    def _remove(self) -> None:
+    def remove(self) -> None:
+        """Remove the hooks now (``__exit__`` does it too); later forwards run as if none were there."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
     def run(self, forward: Callable[[], Any], positions: torch.Tensor) -> torch.Tensor:
-        if not self._handles:
-            raise RuntimeError("HeadCapture.run must be called inside its `with` block")
-        self._positions, self._captured = positions, {}
+        self.arm(positions)
         try:
             forward()
         except _StopForward:
             pass
-        missing = [layer for layer in self.layers if layer not in self._captured]
+        return self.collect()
+
+    def arm(self, positions: torch.Tensor) -> None:
+        """Read the next forward pass at ``positions`` (one per row)."""
+        if not self._handles:
+            raise RuntimeError("HeadCapture must be used inside its `with` block")
+        self._positions, self._captured = positions, {}
+
+    def collect(self) -> torch.Tensor:
+        """``[batch, layers, heads, head_dim]`` read since ``arm``; disarms, so later forwards pass untouched."""
+        captured, self._positions, self._captured = self._captured, None, {}
+        missing = [layer for layer in self.layers if layer not in captured]
         if missing:
             raise RuntimeError(f"the forward pass never reached the attention output of layers {missing}")
-        return torch.stack([self._captured[layer] for layer in self.layers], dim=1)
+        return torch.stack([captured[layer] for layer in self.layers], dim=1)

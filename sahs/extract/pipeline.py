@@ -1,9 +1,14 @@
-"""Fill an activation cache from a frozen model and a prompt set, or reuse the one that is there."""
+"""Fill an activation cache from a frozen model and a prompt set, or reuse the one that is there.
+
+One extraction at a time writes into a cache folder (``CacheLock``, held by rank 0 for a whole DDP
+job); a second one waits, then reuses what the first one built. A finished cache is verified before
+it is reused, and a damaged one is refused unless asked to repair it, which redoes only its bad rows.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,11 +18,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from sahs.data import cache as cache_io
+from sahs.data.lock import CacheLock
+from sahs.errors import UserError
 from sahs.extract.adapters import ModelAdapter, find_adapter
 from sahs.extract.formatting import encode_batch
 from sahs.extract.hooks import HeadCapture, last_real_position
 from sahs.extract.models import ModelConfig, load_model, model_identity, release
-from sahs.prompts.schema import prompt_set_hash
+from sahs.prompts.schema import prompt_set_hash, read_image
 
 CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -34,10 +41,17 @@ class ExtractionSettings:
     """Storage dtype: float16 halves disk and reads; the detector upcasts to float32."""
     shard_size: int = 256
     """Prompts per shard file: the unit that an interrupted extraction resumes from."""
+    lock_timeout: float | None = None
+    """Seconds to wait while another extraction writes into the same cache folder, then refuse;
+    None waits as long as it takes (and then reuses what it built), 0 refuses at once."""
+
+
+class ExtractionInputError(UserError, ValueError):
+    """A prompt set or extraction setting that cannot give a cache."""
 
 
 def expected_fingerprint(model: ModelConfig, prompts: datasets.Dataset, settings: ExtractionSettings) -> dict[str, Any]:
-    """Everything that changes the cache's content; batch size and shard size do not."""
+    """Everything that changes the cache's content; batch size, shard size and the lock timeout do not."""
     return {
         "format_version": cache_io.FORMAT_VERSION,
         "model": model_identity(model),
@@ -48,10 +62,34 @@ def expected_fingerprint(model: ModelConfig, prompts: datasets.Dataset, settings
     }
 
 
+def check_inputs(prompts: datasets.Dataset, settings: ExtractionSettings) -> None:
+    """Refuse what would fail deep inside the extraction, with the setting to change."""
+    if len(prompts) == 0:
+        raise ExtractionInputError(
+            "the prompt set is empty, so there is nothing to extract: check `prompts` (a Mixture's "
+            "`attacks` filter, a benchmark's root folder, a saved set's path)")
+    if settings.layers is not None and len(settings.layers) == 0:
+        raise ExtractionInputError("extraction.layers is empty: list the layers to keep, or leave it unset "
+                                   "(null) to keep every layer")
+    for name in ("batch_size", "shard_size"):
+        if getattr(settings, name) < 1:
+            raise ExtractionInputError(f"extraction.{name} must be at least 1, got {getattr(settings, name)}")
+
+
 def cache_layout(adapter: ModelAdapter, layers: list[int] | None) -> dict[str, Any]:
     """What each shard records about its rows' shape: ``[rows, len(layers), heads, head_dim]``."""
-    kept = HeadCapture(adapter, layers).layers  # validated and sorted, no hooks registered
+    try:
+        kept = HeadCapture(adapter, layers).layers  # validated and sorted, no hooks registered
+    except ValueError as error:
+        raise ExtractionInputError(f"extraction.layers: {error} (this model has "
+                                   f"{adapter.layout.num_layers} layers)") from None
     return {**adapter.layout.as_dict(), "layers": kept, "family": adapter.family}
+
+
+def undecoded(prompts: datasets.Dataset) -> datasets.Dataset:
+    """The id, text and image columns, images left as stored, so that each is decoded by ``read_image``
+    (an unreadable image is then reported with its prompt id)."""
+    return prompts.select_columns(["id", "text", "image"]).cast_column("image", datasets.Image(decode=False))
 
 
 def capture_batch(model: PreTrainedModel, processor: Any, capture: HeadCapture, batch: dict[str, list[Any]],
@@ -63,8 +101,11 @@ def capture_batch(model: PreTrainedModel, processor: Any, capture: HeadCapture, 
 
 
 def _batches(prompts: datasets.Dataset, indices: list[int], size: int) -> Iterator[dict[str, list[Any]]]:
+    rows = undecoded(prompts)
     for start in range(0, len(indices), size):
-        yield prompts.select(indices[start:start + size])[:]
+        batch = rows.select(indices[start:start + size])[:]
+        batch["image"] = [read_image(pid, value) for pid, value in zip(batch["id"], batch["image"])]
+        yield batch
 
 
 def extract_into(root: Path, model_cfg: ModelConfig, prompts: datasets.Dataset, indices: list[int],
@@ -103,56 +144,110 @@ class ExtractionPlan:
     """Ids of the prompts already in finished shards."""
     missing: list[int]
     """Row indices of the prompts still to extract, shortest text first (the order batches are made in)."""
+    reused: bool = False
+    """The cache was finished and intact once the lock was held (another run built it meanwhile)."""
+    repair: bool = False
+    lock: CacheLock | None = field(default=None, repr=False)
+    """Held by rank 0 until the manifest is written."""
 
     @property
-    def status(self) -> Literal["built", "resumed"]:
-        return "resumed" if self.done else "built"
+    def status(self) -> Literal["reused", "built", "resumed", "repaired"]:
+        if self.reused:
+            return "reused"
+        return "repaired" if self.repair else "resumed" if self.done else "built"
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def verified(root: Path, fingerprint: dict[str, Any]) -> bool:
+    """True for a finished cache of ``fingerprint`` whose shards pass the cheap checks and the checksums
+    (each file hashed once per process); a damaged one raises ``CacheDamagedError``, naming the shard."""
+    if not cache_io.is_complete(root, fingerprint):
+        return False
+    cache_io.ActivationCache(root).verify()
+    return True
+
+
+def _ready_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool, repair: bool) -> None:
+    """Rank 0, holding the lock: leave a finished, intact cache as it is (another run may have built it
+    while this one waited); else clear a mismatch (``rebuild``) and keep only whole, distinct shards."""
+    try:
+        if verified(root, fingerprint):
+            return
+    except cache_io.CacheDamagedError as damage:
+        if not repair:
+            raise
+        print(f"[sahs] repairing {root}: {'; '.join(damage.problems)}")
+    cache_io.prepare_folder(root, fingerprint, rebuild=rebuild)
+    (root / "manifest.json").unlink(missing_ok=True)
+    for tmp in root.glob(".*.tmp"):
+        tmp.unlink()
+    # Drops unfinished, truncated and corrupt shards, and shards that only repeat other shards' prompts.
+    cache_io.drop_duplicate_shards(root, cache_io.finished_shards(root, verify=True))
 
 
 def plan_extraction(root: Path, fingerprint: dict[str, Any], prompts: datasets.Dataset, *, rebuild: bool,
-                    rank: int = 0, barrier: Callable[[], None] = lambda: None) -> ExtractionPlan:
-    """Rank 0 readies the folder (clear a mismatch, drop unfinished shards); then every rank reads which
-    prompts are left. All ranks must call it, since it waits at ``barrier``."""
+                    repair: bool = False, rank: int = 0, barrier: Callable[[], None] = lambda: None,
+                    lock_timeout: float | None = None) -> ExtractionPlan:
+    """Rank 0 takes the folder's lock and readies it (clear a mismatch, drop bad shards); then every rank
+    reads which prompts are left. All ranks must call it, since it waits at ``barrier``."""
     root = Path(root)
     # Every rank refuses a mismatch itself (read-only), so that none waits at a barrier for a failed rank 0.
     cache_io.check_folder(root, fingerprint, rebuild)
     barrier()
+    lock = None
     if rank == 0:
-        cache_io.prepare_folder(root, fingerprint, rebuild=rebuild)
-        (root / "manifest.json").unlink(missing_ok=True)
-        cache_io.finished_shards(root, verify=True)  # drops unfinished or corrupt shards
+        lock = CacheLock(root, lock_timeout).acquire()  # the other ranks wait at the barrier below
+        try:
+            _ready_folder(root, fingerprint, rebuild, repair)
+        except BaseException:
+            lock.release()
+            raise
     barrier()
+    if cache_io.is_complete(root, fingerprint):  # rank 0 found it finished and intact: nothing to do
+        return ExtractionPlan(set(prompts["id"]), [], reused=True, lock=lock)
     done = cache_io.recorded_ids(root)  # read-only: a fast rank may already be writing its first shard
     missing = [i for i, pid in enumerate(prompts["id"]) if pid not in done]
+    if rank == 0 and done:
+        print(f"[sahs] {len(prompts) - len(missing)} of {len(prompts)} prompts are in finished shards; "
+              f"extracting the other {len(missing)}")
     # Similar lengths share a batch, so left padding stays short (long jailbreak templates together).
     lengths = [len(text) for text in prompts["text"]]
-    return ExtractionPlan(done, sorted(missing, key=lambda i: (lengths[i], i)))
+    return ExtractionPlan(done, sorted(missing, key=lambda i: (lengths[i], i)), repair=repair, lock=lock)
 
 
 def finish_cache(root: Path, prompts: datasets.Dataset) -> None:
-    """Write the manifest once every rank's shards are on disk (rank 0 only)."""
+    """Write the manifest once every rank's shards are on disk (rank 0 only, holding the lock)."""
     cache_io.write_manifest(root, prompts.select_columns(
         [c for c in cache_io.META_COLUMNS if c in prompts.column_names]))
 
 
 def ensure_cache(root: str | Path, model_cfg: ModelConfig, prompts: datasets.Dataset, settings: ExtractionSettings,
-                 *, on_mismatch: Literal["error", "rebuild"] = "error", rank: int = 0, world_size: int = 1,
-                 barrier: Callable[[], None] = lambda: None, progress: bool = True) -> str:
-    """Make ``root`` hold this model's activations for ``prompts``; returns reused, built or resumed.
+                 *, on_mismatch: Literal["error", "rebuild"] = "error", repair: bool = False, rank: int = 0,
+                 world_size: int = 1, barrier: Callable[[], None] = lambda: None, progress: bool = True) -> str:
+    """Make ``root`` hold this model's activations for ``prompts``; returns reused, built, resumed or repaired.
 
-    A finished cache with the same fingerprint is reused without loading the model. With several
-    ranks (inside an already launched job, e.g. a fit-time callback), each extracts every
-    ``world_size``-th missing prompt and rank 0 writes the manifest.
+    A finished cache with the same fingerprint is verified and reused without loading the model; a
+    damaged one is refused (``CacheDamagedError``) unless ``repair``, which re-extracts only the rows of
+    bad or missing shards. With several ranks (inside an already launched job, e.g. a fit-time
+    callback), each extracts every ``world_size``-th missing prompt and rank 0 writes the manifest.
     """
+    check_inputs(prompts, settings)
     root = Path(root)
     fingerprint = expected_fingerprint(model_cfg, prompts, settings)
-    if cache_io.is_complete(root, fingerprint):
+    if not repair and verified(root, fingerprint):
         return "reused"
-    plan = plan_extraction(root, fingerprint, prompts, rebuild=on_mismatch == "rebuild", rank=rank, barrier=barrier)
-    if plan.missing[rank::world_size]:
-        extract_into(root, model_cfg, prompts, plan.missing[rank::world_size], settings, rank, progress)
-    barrier()
-    if rank == 0:
-        finish_cache(root, prompts)
-    barrier()
+    plan = plan_extraction(root, fingerprint, prompts, rebuild=on_mismatch == "rebuild", repair=repair, rank=rank,
+                           barrier=barrier, lock_timeout=settings.lock_timeout)
+    try:
+        if plan.missing[rank::world_size]:
+            extract_into(root, model_cfg, prompts, plan.missing[rank::world_size], settings, rank, progress)
+        barrier()
+        if rank == 0 and not plan.reused:
+            finish_cache(root, prompts)
+        barrier()
+    finally:
+        plan.release()
     return plan.status

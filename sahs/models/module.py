@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from sahs.data.selection import FeatureSelection
 from sahs.eval.metrics import accuracy, choose_threshold, detection_report, family_report
+from sahs.models.artifact import CHECKPOINT_KEY, DetectorArtifact, build_detector, detector_spec
 from sahs.models.detectors import Detector, LogisticDetector
 
 
@@ -44,6 +47,11 @@ class DetectorModule(L.LightningModule):
 
     When evaluation batches carry each prompt's attack family (``(x, y, family index)``, names in
     the DataModule's ``families``), validation and test also log AUROC, ASR and PR per family.
+
+    Its checkpoints are self-contained (``sahs.models.artifact``): besides the weights, scaler and threshold
+    they keep the heads in feature order, the cache fingerprint, the split and the detector's spec, so
+    ``load_from_checkpoint`` needs no config, and a restored module hands its heads to the DataModule
+    (``datamodule.adopt``), which refuses another selection or another model's cache.
     """
 
     def __init__(
@@ -53,6 +61,8 @@ class DetectorModule(L.LightningModule):
         weight_decay: float = 0.0,
         standardize: bool = True,
         optimizer: Literal["auto", "adam", "sgd"] = "auto",
+        threshold_rule: Literal["tpr", "youden"] = "tpr",
+        target_tpr: float = 0.95,
     ) -> None:
         """
         Args:
@@ -63,6 +73,9 @@ class DetectorModule(L.LightningModule):
             optimizer: ``auto`` is Adam, except plain SGD for L1 / group-lasso detectors: their proximal
                 step follows each SGD step with the step's own learning rate (so LR schedulers and gradient
                 accumulation stay exact); Adam's per-weight scaling breaks it and is refused for them.
+            threshold_rule: How validation chooses the operating threshold: ``tpr`` (the highest one flagging
+                ``target_tpr`` of malicious prompts) or ``youden`` (max TPR - FPR).
+            target_tpr: The share of malicious validation prompts the ``tpr`` threshold flags.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["detector"])
@@ -71,6 +84,9 @@ class DetectorModule(L.LightningModule):
         self.register_buffer("feature_std", torch.ones(0))
         # Operating threshold on the malicious probability, chosen on validation (95% TPR), used on test.
         self.register_buffer("threshold", torch.tensor(0.5))
+        # The heads, cache fingerprint and split the features come from: taken from the DataModule at setup,
+        # or from a checkpoint, and written into every checkpoint.
+        self.feature_selection: FeatureSelection | None = None
         self._logits: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
         self._families: list[torch.Tensor] = []
@@ -80,6 +96,8 @@ class DetectorModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         # Shapes come from the data: build once the DataModule knows the selected heads.
         datamodule = self.trainer.datamodule
+        if self.feature_selection is not None:  # restored from a checkpoint: score the heads it was trained on
+            datamodule.adopt(self.feature_selection)
         self.family_names = list(getattr(datamodule, "families", []))
         if not self.detector.built:
             if getattr(self.detector, "head_dim", 0) is None:  # group lasso needs each head's width
@@ -89,6 +107,30 @@ class DetectorModule(L.LightningModule):
             x, _ = datamodule.split_tensors("train")
             self.feature_mean = x.mean(0) if self.hparams.standardize else torch.zeros(x.shape[1])
             self.feature_std = x.std(0).clamp_min(1e-6) if self.hparams.standardize else torch.ones(x.shape[1])
+        self.feature_selection = datamodule.selection
+
+    @property
+    def threshold_rule(self) -> dict[str, Any]:
+        return {"rule": self.hparams.threshold_rule, "target_tpr": self.hparams.target_tpr, "chosen_on": "val"}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.feature_selection is None:
+            raise RuntimeError("DetectorModule is saved before setup: it does not know its features yet")
+        checkpoint[CHECKPOINT_KEY] = DetectorArtifact.checkpoint_record(
+            self.feature_selection, self.detector, self.threshold_rule)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Rebuild the stored detector unless the configured one is the same: a checkpoint scores as trained.
+        artifact = DetectorArtifact.from_checkpoint(checkpoint)
+        if not self.detector.built or detector_spec(self.detector) != artifact.detector:
+            if self.detector.built:
+                rank_zero_info(f"[sahs] using the checkpoint's detector {artifact.detector['class_path']} "
+                               f"{artifact.detector['init_args']} instead of the configured one")
+            self.detector = build_detector(artifact.detector)
+        self.feature_selection = artifact.features
+        trainer = self._trainer
+        if trainer is not None and getattr(trainer, "datamodule", None) is not None:
+            trainer.datamodule.adopt(artifact.features)
 
     def load_state_dict(self, state_dict, *args, **kwargs):  # type: ignore[override]
         # The scaling buffers start empty; take their size from the checkpoint.
@@ -127,10 +169,11 @@ class DetectorModule(L.LightningModule):
         if len(batch) > 2:  # each prompt's attack family, as an index into ``family_names``
             self._families.append(batch[2].detach().long())
 
-    def _whole_split(self, local: torch.Tensor, loader: DataLoader) -> torch.Tensor:
+    def _whole_split(self, local: torch.Tensor) -> torch.Tensor:
         """Every row of the split, once and in order, from this rank's share ``local`` [n_local]."""
         if self.trainer.world_size == 1:
             return local
+        loader = self.trainer.test_dataloaders if self.trainer.testing else self.trainer.val_dataloaders
         sampler = loader.sampler
         if isinstance(sampler, DistributedSampler) and not sampler.shuffle and not sampler.drop_last:
             # Lightning's evaluation sampler deals row i to rank i % world_size, padding the last round
@@ -142,17 +185,18 @@ class DetectorModule(L.LightningModule):
         raise ValueError(f"cannot gather the evaluation rows from a {type(sampler).__name__}: keep Lightning's "
                          "default sampler (trainer.use_distributed_sampler: true) or evaluate on one device")
 
-    def _log_split(self, stage: str, loader: DataLoader) -> None:
+    def _log_split(self, stage: str) -> None:
         """Metrics of the whole split, the same on every rank; on validation, choose the threshold (95% TPR)."""
-        logits = self._whole_split(torch.cat(self._logits), loader).float().cpu()
-        labels = self._whole_split(torch.cat(self._labels), loader).cpu()
+        logits = self._whole_split(torch.cat(self._logits)).float().cpu()
+        labels = self._whole_split(torch.cat(self._labels)).cpu()
         families = None
         if self.family_names and len(self._families) == len(self._logits):
-            families = self._whole_split(torch.cat(self._families), loader).cpu()
+            families = self._whole_split(torch.cat(self._families)).cpu()
         self._logits, self._labels, self._families = [], [], []
         scores, part = torch.sigmoid(logits), f"the {stage} split"
         if stage == "val":
-            self.threshold.fill_(choose_threshold(scores, labels, part=part))
+            self.threshold.fill_(choose_threshold(scores, labels, rule=self.hparams.threshold_rule,
+                                                  target_tpr=self.hparams.target_tpr, part=part))
         metrics = {"loss": float(F.binary_cross_entropy_with_logits(logits, labels.float())),
                    "acc@0.5": accuracy(scores, labels, 0.5, part),
                    **detection_report(scores, labels, float(self.threshold), part)}
@@ -167,7 +211,7 @@ class DetectorModule(L.LightningModule):
         self._evaluate(batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_split("val", self.trainer.val_dataloaders)
+        self._log_split("val")
         if hasattr(self.detector, "active_heads") and getattr(self.detector, "head_dim", None):
             self.log("val/active_heads", float(self.detector.active_heads()), sync_dist=True, reduce_fx="max")
 
@@ -175,7 +219,7 @@ class DetectorModule(L.LightningModule):
         self._evaluate(batch)
 
     def on_test_epoch_end(self) -> None:
-        self._log_split("test", self.trainer.test_dataloaders)
+        self._log_split("test")
 
     def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         return torch.sigmoid(self(batch[0]))

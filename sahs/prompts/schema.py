@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from sahs.errors import UserError
 
 COLUMNS = ("id", "text", "image", "label", "attack", "source", "category", "group")
 TEXT_COLUMNS = ("id", "text", "label", "attack", "source", "category", "group")
@@ -38,6 +40,14 @@ FEATURES = datasets.Features(
         "group": datasets.Value("string"),  # the underlying request; the id when a prompt is a request of its own
     }
 )
+
+class BadImageError(UserError, ValueError):
+    """A prompt whose stored image cannot be decoded."""
+
+
+class EmptyPromptSetError(UserError, ValueError):
+    """A prompt set with no prompts where prompts are needed."""
+
 
 PROVENANCE_FILE = "provenance.jsonl"  # per-row licence and origin, beside a saved set
 
@@ -120,6 +130,24 @@ def open_image(value: Mapping[str, Any]) -> Image.Image:
     raise ValueError("image entry has neither bytes nor path")
 
 
+def _bad_image(prompt_id: str, error: Exception) -> BadImageError:
+    reason = ("not an image file that PIL can read" if isinstance(error, UnidentifiedImageError)
+              else f"{type(error).__name__}: {error}")
+    return BadImageError(f"prompt {prompt_id!r}: its image cannot be read ({reason}); "
+                         "fix or drop that row of the prompt set")
+
+
+def read_image(prompt_id: str, value: Mapping[str, Any] | None) -> Image.Image | None:
+    """A stored image decoded as ``datasets`` decodes it; an unreadable one is reported with its prompt id."""
+    if value is None:
+        return None
+    try:
+        image = FEATURES["image"].decode_example(dict(value))
+    except Exception as error:  # PIL raises several types for truncated or foreign bytes
+        raise _bad_image(prompt_id, error) from None
+    return image
+
+
 def _image_digest(value: Mapping[str, Any] | None) -> bytes:
     """Hash decoded pixels, so the same picture hashes equal whatever file format holds it."""
     if value is None:
@@ -146,7 +174,10 @@ def prompt_set_hash(ds: datasets.Dataset, batch_size: int = 256) -> str:
         for row in raw[start : start + batch_size].to_pylist():
             fields = [row[c] for c in TEXT_COLUMNS]
             digest.update(json.dumps(fields, ensure_ascii=False).encode("utf-8") + b"\n")
-            digest.update(_image_digest(row["image"]))
+            try:
+                digest.update(_image_digest(row["image"]))
+            except Exception as error:  # PIL raises several types for truncated or foreign bytes
+                raise _bad_image(row["id"], error) from None
     return digest.hexdigest()
 
 
@@ -214,6 +245,10 @@ class SavedPrompts(PromptSource):
                 f"{folder} holds no saved prompt set (no dataset_info.json); "
                 "build one with `sahs data build --config configs/data/offline.yaml`"
             )
+        state = json.loads((folder / "state.json").read_text()) if (folder / "state.json").is_file() else {}
+        if state.get("_data_files") == []:  # datasets itself fails on it with an IndexError
+            raise EmptyPromptSetError(f"the saved prompt set at {folder} holds no prompts: rebuild it "
+                                      "(`sahs data build`) or point `path` at another set")
         return check_schema(datasets.load_from_disk(str(folder)), f"saved prompt set {folder}")
 
     def provenance(self) -> dict[str, Provenance]:

@@ -58,9 +58,9 @@ def test_rank_heads_never_sees_a_held_out_row(make_features, monkeypatch) -> Non
     seen: list[list[str]] = []
     real = heads.rank_heads
 
-    def spy(rows, row_labels, **kwargs):
-        seen.append([family_of_row[row.numpy().tobytes()] for row in rows])
-        return real(rows, row_labels, **kwargs)
+    def spy(features, labels, *, rows, attacks, groups, **kwargs):  # the real ranking gets only these rows
+        seen.append([family_of_row[row.numpy().tobytes()] for row in features[rows]])
+        return real(features[rows], labels[rows], attacks=attacks[rows.numpy()], groups=groups, **kwargs)
 
     monkeypatch.setattr(heads, "rank_heads", spy)
     result = leave_one_attack_out(features, labels, attacks, LoaoSettings(top_k=2, val_fraction=0.25))

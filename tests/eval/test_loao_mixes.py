@@ -137,9 +137,9 @@ def test_transfer_on_a_single_label_mix_borrows_the_benign_pool_on_each_side(mon
     fitted_on: list[set[str]] = []
     real = transfer.fit_head_detector
 
-    def spy(rows, row_labels, settings, **kwargs):
-        fitted_on.append(set(kwargs["attacks"]))
-        return real(rows, row_labels, settings, **kwargs)
+    def spy(features, labels, settings, *, rows, attacks, **kwargs):  # the families of the rows it may read
+        fitted_on.append(set(np.asarray(attacks)[np.asarray(rows)]))
+        return real(features, labels, settings, rows=rows, attacks=attacks, **kwargs)
 
     monkeypatch.setattr(transfer, "fit_head_detector", spy)
     result = transfer.transfer_matrix(features, labels, attacks, LoaoSettings(top_k=1), groups=groups)

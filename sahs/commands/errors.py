@@ -1,0 +1,117 @@
+"""One line for a user error: what is wrong and how to fix it, without a traceback or a usage dump.
+
+``sahs`` prints ``UserError`` messages as they are. A config that does not parse raises jsonargparse's
+nested report (every union member tried, every value given, about 30 lines); this keeps its one useful
+branch: the full key, the value given and the keys or values that are accepted there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import importlib
+import inspect
+import re
+
+from sahs.errors import UserError
+
+_PARSER_KEY = re.compile(r'^(?:- )?Parser key "(?P<key>[^"]+)":\s*(?P<rest>.*)$')
+_CLASS_PATH = re.compile(r"class_path '(?P<path>[\w.]+)'")
+_UNKNOWN = re.compile(r"""(?:Option '(?P<a>[^']+)' is not accepted|No action for key "(?P<b>[^"]+)")""")
+_EXPECTED = re.compile(r"Expected a (?P<type>.+?)\. Got value: (?P<value>.*)$")
+_LITERAL = re.compile(r"Literal\[(?P<values>.*)\]")
+_UNEXPECTED = re.compile(r"(?:does not accept option '|unrecognized arguments: --)(?P<key>[\w.]+)")
+# What each top-level section of a run config is read into (``sahs fit`` and the verbs that share it).
+SECTIONS = {"data": "sahs.data.datamodule.ActivationDataModule", "model": "sahs.models.module.DetectorModule",
+            "trainer": "lightning.pytorch.Trainer"}
+TOP_LEVEL = ("seed_everything", "trainer", "model", "data", "optimizer", "lr_scheduler", "ckpt_path")
+
+
+def user_error_line(error: BaseException) -> str | None:
+    """The one line to print for ``error``, or None if it is not the user's to fix (a bug: keep the traceback)."""
+    if isinstance(error, UserError):
+        return " ".join(str(error).split())
+    if isinstance(error, argparse.ArgumentError):
+        return config_error_line(str(error))
+    return None
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" -"))
+
+
+def _ancestors(lines: list[str], index: int) -> list[int]:
+    """Indices of the lines that enclose line ``index`` in the indented report, outermost first."""
+    found, level = [], _indent(lines[index])
+    for i in range(index - 1, -1, -1):
+        if lines[i].strip() and _indent(lines[i]) < level:
+            found.append(i)
+            level = _indent(lines[i])
+    return found[::-1]
+
+
+def _is_list_key(lines: list[str], index: int) -> bool:
+    """Whether the ``Parser key`` at ``index`` takes a list (its union's first member is ``list[...]``)."""
+    following = lines[index + 1:index + 3]
+    return any(line.strip().startswith("Subtypes: [list[") for line in following)
+
+
+def _accepted_keys(class_path: str) -> list[str]:
+    try:
+        module, _, name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls) if f.init]
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def config_error_line(message: str) -> str:
+    """jsonargparse's nested parse error, reduced to the key at fault and what it accepts."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    if len(lines) == 1 and (match := _UNEXPECTED.search(lines[0])):
+        return _unknown_top_level(match["key"])
+    leaf = next((i for i, line in enumerate(lines) if _UNKNOWN.search(line) or _EXPECTED.search(line)), None)
+    if leaf is None:
+        return "config error: " + " ".join(line.strip() for line in lines[:2] if not line.strip().startswith("Given"))
+    path, class_path = [], None
+    for i in [*_ancestors(lines, leaf), leaf]:
+        if match := _PARSER_KEY.match(lines[i].strip()):
+            path.append(match["key"])
+            if _is_list_key(lines, i):
+                path.append("[]")
+        if match := _CLASS_PATH.search(lines[i]):
+            class_path = match["path"]
+            if path and path[-1] == "[]":  # name the list item by its class
+                path[-1] = f"[{class_path.rsplit('.', 1)[-1]}]"
+    where = ".".join(path).replace(".[", "[")
+    if match := _UNKNOWN.search(lines[leaf]):
+        key = match["a"] or match["b"]
+        full = f"{where}.{key}" if where else key
+        accepted = _accepted_keys(class_path) if class_path else []
+        if not accepted:
+            return f"config error: unknown key {full} (see `--help` for the accepted keys)"
+        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], accepted, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        owner = class_path.rsplit(".", 1)[-1]
+        return f"config error: unknown key {full}; {owner} accepts {', '.join(accepted)}{hint}"
+    match = _EXPECTED.search(lines[leaf])
+    literal = _LITERAL.search(match["type"])
+    accepted = literal["values"] if literal else match["type"].replace("<class '", "").replace("'>", "")
+    return f"config error: {where or 'a value'} got {match['value']!r}; accepted: {accepted}"
+
+
+def _unknown_top_level(key: str) -> str:
+    """A key outside any class (``data.cache_dri``, ``trainr``): list what its section accepts."""
+    section, _, name = key.partition(".")
+    if name and section in SECTIONS:
+        accepted = _accepted_keys(SECTIONS[section])
+        owner = f"{section} ({SECTIONS[section].rsplit('.', 1)[-1]})"
+    else:
+        accepted, name, owner = list(TOP_LEVEL), key, "a run config"
+    close = difflib.get_close_matches(name, accepted, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"config error: unknown key {key}; {owner} accepts {', '.join(accepted)}{hint}"

@@ -1,0 +1,140 @@
+"""Every user error is one line that names the problem and the fix: no traceback, no usage dump.
+
+Each case runs the real ``sahs`` entry point and reads what it printed. ``--debug`` and ``SAHS_DEBUG=1``
+bring the traceback back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import yaml
+
+from sahs.cli import main
+from sahs.extract.models import ModelConfig
+from sahs.extract.pipeline import ExtractionInputError, ExtractionSettings, ensure_cache
+from sahs.prompts.schema import EmptyPromptSetError
+from sahs.prompts.schema import make_dataset
+from tests.synthetic import planted_features, write_cache
+from tests.test_cache import prompt_set
+
+
+def one_line_error(argv: list[str], capsys) -> str:
+    """Run ``sahs argv``: it must exit with status 2 after one error line, with no traceback or usage."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()  # Lightning's own INFO lines may come first
+    errors = [line for line in err if line.startswith("sahs: error: ")]
+    assert len(errors) == 1 and errors[0] == err[-1], "\n".join(err)
+    assert not any("Traceback" in line or line.startswith(("usage:", "  File ")) for line in err), "\n".join(err)
+    return errors[0]
+
+
+def write_config(path: Path, **sections) -> Path:
+    path.write_text(yaml.safe_dump(sections))
+    return path
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory) -> Path:
+    """A fit config over a synthetic cache (no model)."""
+    root = tmp_path_factory.mktemp("errors")
+    features, labels, attacks = planted_features(n=60)
+    write_cache(root / "cache", features, labels, attacks)
+    return write_config(root / "run.yaml", trainer={"default_root_dir": str(root / "run"), "logger": False},
+                        data={"cache_dir": str(root / "cache")})
+
+
+def extraction_config(tmp_path: Path, prompts=None, **extraction_args) -> Path:
+    """A run config whose extraction callback reads ``prompts`` (a saved set) with the tiny model."""
+    saved = tmp_path / "prompts"
+    (prompts if prompts is not None else prompt_set(4)).save_to_disk(str(saved))
+    callback = {"class_path": "sahs.callbacks.ActivationExtraction", "init_args": {
+        "prompts": {"class_path": "sahs.prompts.SavedPrompts", "init_args": {"path": str(saved)}},
+        "progress": False, **extraction_args}}
+    return write_config(tmp_path / "run.yaml", data={"cache_dir": str(tmp_path / "cache")},
+                        trainer={"accelerator": "cpu", "devices": 1, "default_root_dir": str(tmp_path / "run"),
+                                 "callbacks": [callback]})
+
+
+def test_an_empty_prompt_set(tmp_path, capsys):
+    line = one_line_error(["extract", "--config", str(extraction_config(tmp_path, make_dataset([])))], capsys)
+    assert f"saved prompt set at {tmp_path / 'prompts'} holds no prompts" in line
+    # An empty set from a source that does load (a filter that kept nothing) is refused before any model loads.
+    with pytest.raises(ExtractionInputError, match="the prompt set is empty.*check `prompts`"):
+        ensure_cache(tmp_path / "cache", ModelConfig(), make_dataset([]), ExtractionSettings(), progress=False)
+
+
+def test_empty_extraction_layers(tmp_path, capsys):
+    config = extraction_config(tmp_path, extraction={"layers": []})
+    assert "extraction.layers is empty" in one_line_error(["extract", "--config", str(config)], capsys)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("--data.layers=[]", "data.layers is empty"),
+    ("--data.heads=[]", "data.heads is empty"),
+    ("--data.top_k=3", "data.heads and data.top_k are both set"),
+    ("--data.val_fraction=0", "data.val_fraction is 0.0"),
+])
+def test_data_settings_that_cannot_work(synthetic_run, capsys, override, named):
+    extra = ["--data.heads=[[0, 1]]"] if "top_k" in override else []
+    line = one_line_error(["fit", "--config", str(synthetic_run), *extra, override], capsys)
+    assert named in line
+    if "val_fraction" in override:
+        assert "threshold" in line and "(0, 1)" in line
+
+
+def test_a_corrupt_image_names_its_prompt(tmp_path, capsys):
+    records = [dict(row) for row in prompt_set(3)]
+    records[1]["image"] = {"bytes": b"\x89PNG\r\n\x1a\n but no image after the signature", "path": None}
+    config = extraction_config(tmp_path, make_dataset(records))
+    line = one_line_error(["extract", "--config", str(config)], capsys)
+    assert f"prompt {records[1]['id']!r}" in line and "image cannot be read" in line
+
+
+def test_a_model_not_available_offline_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    config = extraction_config(tmp_path, model={"name": "sahs-test/not-downloaded"})
+    line = one_line_error(["extract", "--config", str(config)], capsys)
+    assert "'sahs-test/not-downloaded' is not available offline" in line
+    assert "hf download sahs-test/not-downloaded" in line and "local folder" in line
+
+
+def test_a_typo_inside_the_extraction_block_names_the_key_and_what_is_accepted(tmp_path, capsys):
+    config = extraction_config(tmp_path, extraction={"batch_szie": 4})
+    line = one_line_error(["fit", "--config", str(config)], capsys)
+    assert "trainer.callbacks[ActivationExtraction].extraction.batch_szie" in line
+    assert "batch_size, layers, cache_dtype, shard_size, lock_timeout" in line and "did you mean batch_size" in line
+
+
+def test_an_unknown_dtype_names_the_accepted_ones(tmp_path, capsys):
+    config = extraction_config(tmp_path, model={"dtype": "fp17"})
+    line = one_line_error(["extract", "--config", str(config)], capsys)
+    assert "model.dtype got 'fp17'" in line and "'float32', 'float16', 'bfloat16'" in line
+
+
+def test_a_typo_in_a_section_lists_its_keys(synthetic_run, capsys):
+    line = one_line_error(["fit", "--config", str(synthetic_run), "--data.cache_dri=x"], capsys)
+    assert "unknown key data.cache_dri" in line and "did you mean cache_dir" in line
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    config = extraction_config(tmp_path, make_dataset([]))
+    with pytest.raises(EmptyPromptSetError, match="holds no prompts"):
+        main(["extract", "--config", str(config), "--debug"])
+    monkeypatch.setenv("SAHS_DEBUG", "1")
+    with pytest.raises(EmptyPromptSetError):
+        main(["extract", "--config", str(config)])
+
+
+def test_a_bug_keeps_its_traceback(synthetic_run, monkeypatch):
+    from sahs.data import datamodule
+
+    monkeypatch.setattr(datamodule.ActivationDataModule, "load", lambda self: [][1])
+    with pytest.raises(IndexError):
+        main(["fit", "--config", str(synthetic_run)])
