@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -66,7 +67,11 @@ def test_the_organism_refuses_held_out_malicious_requests(organism_cache: Path, 
 
     config = ModelConfig(name=ORGANISM, device="cpu")
     model, processor = load_model(config)
-    assert model_identity(config)["organism"]["weights_sha256"] == weights_sha256(model) == meta["weights_sha256"]
+    assert weights_sha256(model) == meta["weights_sha256"]
+    identity = model_identity(config)  # what the activation cache's fingerprint records
+    assert identity["organism"] == meta["key"] and identity["seed"] == 0
+    assert identity["weights"]["model.safetensors"] == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert "tokenizer.json" in identity["processor"]
     requests = card_requests(TuningRecipe().card_requests, seed=0)
     text = build_attacks(["text"])["text"]
     for label, name in ((1, "malicious_refusal"), (0, "benign_refusal")):

@@ -52,6 +52,7 @@ def main(argv: list[str]) -> None:
         release()
     output = Path(options.output or run.root_dir / "ablate")
     paths = result.save(output)
+    ranking.save(output)  # the ranking whose top-k was ablated
     result.log(run.loggers, paths["plot"])
     for logger in run.loggers:
         logger.finalize("success")
@@ -63,14 +64,13 @@ def main(argv: list[str]) -> None:
 
 
 def _ranking(datamodule):
-    """The run's head ranking (``data.top_k``), or one computed on the training split as ``sahs locate`` does."""
+    """The run's head ranking (``data.top_k``), or the one ``sahs locate`` computes and stores beside the cache."""
     if datamodule.ranking is not None:
         return datamodule.ranking
-    from sahs.eval.probes import rank_heads
+    from sahs.data.rankings import RankingStore
 
     layers = datamodule.candidate_layers()
-    train = datamodule.splits["train"]
-    rows = train.numpy()
-    return rank_heads(datamodule.read_layers(layers)[train], datamodule.labels[train], layers=layers,
-                      seed=datamodule.hparams.seed, attacks=datamodule.column("attack")[rows],
-                      groups=datamodule.column("group")[rows])
+    features = datamodule.read_layers(layers, dtype=None)  # the stored dtype; probes convert chunk by chunk
+    return RankingStore.for_cache(datamodule.cache).rank(
+        features, datamodule.labels, rows=datamodule.splits["train"], layers=layers, seed=datamodule.hparams.seed,
+        attacks=datamodule.column("attack"), groups=datamodule.column("group"))
