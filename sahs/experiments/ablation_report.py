@@ -139,7 +139,7 @@ class AblationResult:
         for b, (name, kind) in enumerate(bars):
             values = [pick(kind, family) for family in families]
             heights = [_mean(v) if v else math.nan for v in values]
-            errors = [_std(v) if kind == "random" and v else 0.0 for v in values]
+            errors = [_std(v) if v else 0.0 for v in values] if kind == "random" else None  # spread over seeds
             positions = [i + (b - (len(bars) - 1) / 2) * width for i in range(len(families))]
             axes.bar(positions, heights, width, yerr=errors, label=name, capsize=3)
         axes.set_xticks(range(len(families)), families)
