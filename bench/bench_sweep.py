@@ -37,7 +37,7 @@ def direct_times(cache: str) -> tuple[float, float, int]:
     from sahs.data.cache import ActivationCache
     from sahs.experiments import LoaoSettings
     from sahs.experiments.loao import leave_one_attack_out
-    from sahs.experiments.rankings import RankingStore
+    from sahs.data.rankings import RankingStore
     from sahs.models.detectors import LogisticDetector, SparseL1Detector
 
     data = ActivationCache(cache)

@@ -51,7 +51,7 @@ from sahs.data.splits import split_rows  # noqa: E402
 from sahs.eval.probes import rank_heads  # noqa: E402
 from sahs.experiments import LoaoSettings  # noqa: E402
 from sahs.experiments.loao import leave_one_attack_out  # noqa: E402
-from sahs.experiments.rankings import RankingStore  # noqa: E402
+from sahs.data.rankings import RankingStore  # noqa: E402
 from sahs.models.detectors import LogisticDetector  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM = 32, 32, 128
@@ -191,7 +191,7 @@ torch.set_num_threads(1)
 from sahs.data.cache import ActivationCache
 from sahs.experiments import LoaoSettings
 from sahs.experiments.loao import leave_one_attack_out
-from sahs.experiments.rankings import RankingStore
+from sahs.data.rankings import RankingStore
 def hwm():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 cache = ActivationCache(sys.argv[1])

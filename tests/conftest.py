@@ -31,3 +31,20 @@ def mixed_prompts() -> list[tuple[str, Image.Image | None]]:
         ("Explain, step by step and with care, how photosynthesis turns light into sugar.", None),
         ("What is in this picture?", Image.new("RGB", (64, 64), (10, 120, 200))),
     ]
+
+
+@pytest.fixture(scope="session")
+def organism_cache(tmp_path_factory):
+    """A $SAHS_CACHE folder holding the model organism, built once per session (about a minute), and
+    a link to the seed wheels. Tests that load ``sahs/tiny-llava-refuser`` set SAHS_CACHE to it."""
+    from sahs.extract.organism import ensure_organism
+    from sahs.prompts.seeds import seed_cache_dir
+
+    root = tmp_path_factory.mktemp("sahs_cache")
+    seeds = seed_cache_dir()
+    seeds.mkdir(parents=True, exist_ok=True)
+    (root / "seeds").symlink_to(seeds, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SAHS_CACHE", str(root))
+        ensure_organism()
+    return root

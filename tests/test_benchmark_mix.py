@@ -58,6 +58,7 @@ def mix(tmp_path_factory) -> Path:
                              max_epochs=3)
     extraction = config["trainer"]["callbacks"][0]["init_args"]
     extraction["progress"] = False
+    extraction["model"] = {"name": "sahs/tiny-llava", "seed": 0}  # the loaders' groups, whatever the weights
     extraction["prompts"] = {"class_path": "sahs.prompts.Mixture", "init_args": {"sources": [
         {"class_path": "sahs.prompts.benchmarks.MMSafetyBench",
          "init_args": {"root": str(mmsb), "scenarios": list(SCENARIOS)}},

@@ -40,7 +40,13 @@ def trimmed_demo(tmp_path: Path, **logger: object) -> Path:
     return path
 
 
-def test_demo_fits_end_to_end_and_reports_the_auroc_it_logged(tmp_path, capsys):
+@pytest.fixture
+def organism(organism_cache, monkeypatch):
+    """The demo's model, the model organism, from the session's one build."""
+    monkeypatch.setenv("SAHS_CACHE", str(organism_cache))
+
+
+def test_demo_fits_end_to_end_and_reports_the_auroc_it_logged(tmp_path, capsys, organism):
     config = trimmed_demo(tmp_path)
     main(["fit", "--config", str(config)])
     out = capsys.readouterr().out
@@ -105,7 +111,7 @@ def wandb_history(run_file: Path) -> list[dict[str, float]]:
     return rows
 
 
-def test_wandb_offline_logging_works_without_network(tmp_path, monkeypatch, capsys):
+def test_wandb_offline_logging_works_without_network(tmp_path, monkeypatch, capsys, organism):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     config = trimmed_demo(tmp_path, class_path="lightning.pytorch.loggers.WandbLogger",
@@ -176,7 +182,7 @@ def test_a_config_typo_names_the_key(capsys):
     assert "cache_dri" in capsys.readouterr().err
 
 
-def test_extract_verb_writes_the_cache_that_fit_reuses(tmp_path, capsys):
+def test_extract_verb_writes_the_cache_that_fit_reuses(tmp_path, capsys, organism):
     config = trimmed_demo(tmp_path)
     main(["extract", "--config", str(config)])
     assert "activation cache built" in capsys.readouterr().out

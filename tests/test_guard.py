@@ -41,6 +41,7 @@ def exported(tmp_path_factory):
     config["trainer"].update(max_epochs=4, default_root_dir=str(root / "run"), enable_progress_bar=False,
                              logger=False, enable_model_summary=False)
     extraction = config["trainer"]["callbacks"][0]["init_args"]
+    extraction["model"] = {"name": "sahs/tiny-llava", "seed": 0}  # the guard is checked against the tiny LLaVA
     extraction["prompts"]["init_args"].update(PROMPTS)
     extraction["extraction"]["cache_dtype"] = "float32"
     extraction["progress"] = False

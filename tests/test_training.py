@@ -84,7 +84,7 @@ def test_top_k_keeps_the_planted_heads_ranked_on_train_only(tmp_path, monkeypatc
     features, labels, attacks = planted_features(n=400, signal_heads=[(1, 2), (2, 0)])
     write_cache(tmp_path, features, labels, attacks)
     seen_rows: list[torch.Tensor] = []
-    import sahs.experiments.rankings as rankings_module
+    import sahs.data.rankings as rankings_module
 
     real = rankings_module.rank_heads
     monkeypatch.setattr(rankings_module, "rank_heads",

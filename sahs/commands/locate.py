@@ -34,7 +34,7 @@ def _locate(options: Options, run) -> None:
     import time
 
     from sahs.commands import runs
-    from sahs.experiments.rankings import RankingStore
+    from sahs.data.rankings import RankingStore
 
     runs.log_config(run.loggers, run.config)
     run.ensure_cache()

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from sahs.data.cache import ActivationCache, CacheMismatchError, fingerprint_diff
 from sahs.data.selection import FeatureSelection, describe_heads, model_name, without_data_keys
+from sahs.data.rankings import RankingStore
 from sahs.data.splits import split_rows
 from sahs.errors import UserError
 from sahs.eval.probes import HeadRanking
@@ -124,8 +125,6 @@ class ActivationDataModule(L.LightningDataModule):
             return [(layer, head) for layer in layers for head in range(cache.layout["num_heads"])]
         # Heads are ranked on the training split only: validation and test never choose them. The
         # ranking is kept beside the cache and reused by every run with the same rows and settings.
-        from sahs.experiments.rankings import RankingStore  # the store serves experiments and this module
-
         store = RankingStore.for_cache(cache)
         features = self.read_layers(layers, cache, dtype=None)  # the stored dtype (float16), read in place
         self.ranking = store.rank(features, self.labels, rows=self.splits["train"], layers=layers, seed=hp.seed,

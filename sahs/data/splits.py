@@ -65,19 +65,32 @@ def split_rows(
     # its strata relative to that part's target; singleton groups give the exact stratified shares.
     order = np.random.default_rng(seed).permutation(n_groups)
     order = order[np.argsort(-counts[order].sum(1), kind="stable")]
-    target = shares[:, None] * counts.sum(0)[None, :]  # [parts, strata]
-    filled = np.zeros_like(target)
-    assignment = np.empty(n_groups, dtype=np.int64)
-    for group in order:
-        need = ((target - filled) * counts[group]).sum(1) / counts[group].sum()
-        need[shares == 0] = -np.inf
-        chosen = int(np.argmax(need))  # the first part wins ties, so the rest fills before held-out parts
-        assignment[group] = chosen
-        filled[chosen] += counts[group]
+    assignment = _deal(order, counts, shares)
     if both_classes:
         _give_every_part_both_classes(assignment, order, group_ids, labels.numpy(), fractions, part)
     row_part = assignment[group_ids]
     return [torch.from_numpy(np.flatnonzero(row_part == p)) for p in range(len(shares))]
+
+
+def _deal(order: np.ndarray, counts: np.ndarray, shares: np.ndarray) -> np.ndarray:
+    """Part of each group, dealt in ``order``; plain Python over each group's few strata (hot in sweeps)."""
+    parts = [p for p in range(len(shares)) if shares[p] > 0]
+    totals = counts.sum(0)
+    deficit = [[float(shares[p] * t) for t in totals] for p in range(len(shares))]  # target - filled
+    nonzero = [np.flatnonzero(row).tolist() for row in counts]
+    assignment = np.empty(len(counts), dtype=np.int64)
+    for group in order.tolist():
+        strata, sizes = nonzero[group], counts[group]
+        members = [float(sizes[s]) for s in strata]
+        best, best_need = parts[0], None
+        for p in parts:  # the first part wins ties, so the rest fills before held-out parts
+            need = sum(deficit[p][s] * m for s, m in zip(strata, members))
+            if best_need is None or need > best_need:
+                best, best_need = p, need
+        assignment[group] = best
+        for s, m in zip(strata, members):
+            deficit[best][s] -= m
+    return assignment
 
 
 def _give_every_part_both_classes(assignment: np.ndarray, order: np.ndarray, group_ids: np.ndarray,
@@ -92,7 +105,8 @@ def _give_every_part_both_classes(assignment: np.ndarray, order: np.ndarray, gro
             # Take a group of this class from the part that has the most of them, smallest first.
             per_part = np.bincount(assignment[holders], minlength=n_parts)
             donor = int(np.argmax(per_part))
-            movable = [g for g in order if g in set(holders) and assignment[g] == donor]
+            holder_set = set(holders.tolist())
+            movable = [g for g in order.tolist() if g in holder_set and assignment[g] == donor]
             if per_part[donor] < 2 or not movable:
                 name = "the rest" if p == 0 else f"held-out part {p} ({fractions[p - 1]:g})"
                 raise ValueError(

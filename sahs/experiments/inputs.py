@@ -10,7 +10,7 @@ import torch
 
 from sahs.data.cache import ActivationCache
 from sahs.data.datamodule import ActivationDataModule
-from sahs.experiments.rankings import RankingStore
+from sahs.data.rankings import RankingStore
 
 
 @dataclass(frozen=True)

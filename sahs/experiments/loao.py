@@ -32,7 +32,7 @@ import torch
 from sahs.data.splits import split_rows
 from sahs.eval.metrics import require_classes
 from sahs.experiments.heads import HeadDetector, fit_head_detector
-from sahs.experiments.rankings import RankingStore
+from sahs.data.rankings import RankingStore
 from sahs.experiments.settings import LoaoSettings
 
 

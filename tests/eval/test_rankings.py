@@ -9,9 +9,10 @@ import torch
 from sahs.data import cache as cache_io
 from sahs.data.datamodule import ActivationDataModule
 from sahs.eval.probes import rank_heads
-from sahs.experiments import LoaoSettings, rankings
+from sahs.data import rankings
+from sahs.experiments import LoaoSettings
 from sahs.experiments.loao import leave_one_attack_out
-from sahs.experiments.rankings import RankingStore
+from sahs.data.rankings import RankingStore
 from sahs.models.detectors import LogisticDetector
 from tests.synthetic import planted_features, write_cache
 
