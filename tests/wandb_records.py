@@ -56,13 +56,15 @@ def offline_runs(folder: Path) -> dict[str, dict]:
     return {run["name"]: run for run in runs}
 
 
-def read_run(path: Path, wait: float = 20.0) -> dict:
+def read_run(path: Path, wait: float = 60.0) -> dict:
     """The run's records once W&B's writer (a process of its own) has written its exit record."""
     deadline = time.monotonic() + wait
     parsed = records(path)
     while not any(r.WhichOneof("record_type") == "exit" for r in parsed) and time.monotonic() < deadline:
         time.sleep(0.2)
         parsed = records(path)
+    kinds = [r.WhichOneof("record_type") for r in parsed]
+    assert "exit" in kinds, f"{path}: no exit record after {wait} s (the run was not finished); records: {kinds}"
     run, config, summary = None, {}, {}
     for record in parsed:
         kind = record.WhichOneof("record_type")
