@@ -9,22 +9,44 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Optional
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+import yaml
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from sahs.commands import VERBS
+from sahs.commands import runs
 from sahs.data.datamodule import ActivationDataModule
 from sahs.models.artifact import DetectorArtifact
 from sahs.models.module import DetectorModule
+
+
+# Interpolations such as ${trainer.default_root_dir} are resolved after the command line is applied.
+PARSER_MODE = "omegaconf+"
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Writes ``config.yaml`` into the run's folder and gives the full config to W&B loggers."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        runs.log_config(trainer.loggers, yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
 
 
 class SahsCLI(LightningCLI):
     """After ``fit``, the best checkpoint is validated and tested, and the AUROC figures printed.
 
     Every verb's own options (``sahs.commands.<verb>.Options``) are a section of the run config, so
-    one YAML can carry ``loao: {top_k: 8}`` and still run ``sahs fit``. ``predict`` writes one row per
+    one YAML can carry ``loao: {top_k: 8}`` and still run ``sahs fit``; so is ``run:`` (name, group,
+    tags). A Lightning verb run, or a ``verb`` given here, gets its own folder ``<root>/<verb>/<name>``
+    (``run_dir``) holding its config, checkpoints, logs and results. ``predict`` writes one row per
     prompt through ``sahs.callbacks.PredictionWriter`` (options under ``predictions:``). With
     ``--ckpt_path`` the DataModule reads the checkpoint's heads from the start.
     """
+
+    def __init__(self, *args, verb: str | None = None, **kwargs) -> None:
+        self.verb = verb
+        self.run_dir: Path | None = None
+        self.argv: list[str] = []
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         from sahs.callbacks import PredictionWriter
@@ -32,9 +54,9 @@ class SahsCLI(LightningCLI):
 
         parser.add_argument(
             "--benchmarks_root", type=Optional[str], default=None,
-            help="Folder holding the downloaded benchmarks; a config refers to it as ${benchmarks_root} (set it in "
-                 "the YAML: the interpolation is resolved when the file is read, before command-line overrides)")
-
+            help="Folder holding the downloaded benchmarks; a config refers to it as ${benchmarks_root} "
+                 "(resolved after the command line, so --benchmarks_root DIR works too)")
+        parser.add_class_arguments(runs.RunIdentity, "run", help="name, W&B group and tags of the run")
         for verb, options in verb_options().items():
             parser.add_class_arguments(options, verb, help=f"options of `sahs {verb}`")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
@@ -47,13 +69,38 @@ class SahsCLI(LightningCLI):
 
     before_validate = before_test = before_predict = _adopt_checkpoint_heads
 
+    def parse_arguments(self, parser, args) -> None:
+        self.argv = list(sys.argv[1:] if args is None else args)
+        if self.argv and self.argv[0] in getattr(self, "_subcommand_parsers", {}):
+            # A parser of the verb alone reads the run config at its root, so that ${trainer.default_root_dir}
+            # in a config file names the run config's keys and resolves after the command line (omegaconf+);
+            # under the verb table it would be ${fit.trainer.default_root_dir}.
+            verb = self.argv[0]
+            alone = self._prepare_subcommand_parser(self.trainer_class, verb, parser_mode=PARSER_MODE,
+                                                    prog=f"sahs {verb}", description=LIGHTNING_VERBS.get(verb))
+            self.config = Namespace({"subcommand": verb, verb: alone.parse_args(self.argv[1:])})
+        else:
+            super().parse_arguments(parser, args)
+
+    def instantiate_trainer(self, **kwargs):
+        verb = self.subcommand or self.verb
+        if verb is not None:
+            self._place_run(verb)
+        return super().instantiate_trainer(**kwargs)
+
+    def _place_run(self, verb: str) -> None:
+        """Make the run's folder and point the trainer, its loggers and checkpoints into it."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        self.run_dir = runs.place_run(config, self._get(self.config_init, "trainer"), verb, self.argv,
+                                      inherit=self.subcommand is not None)
+
     def init_parser(self, **kwargs):
         # A config error raises, so that ``main`` prints the key at fault in one line, not 80 lines of usage.
         return super().init_parser(**{"exit_on_error": False, **kwargs})
 
     def after_fit(self) -> None:
         if self.trainer.fast_dev_run or self.trainer.interrupted:
-            return
+            return self._close()
         self._save_ranking()
         checkpoint = self.trainer.checkpoint_callback
         ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
@@ -65,7 +112,25 @@ class SahsCLI(LightningCLI):
             overall = sorted(name for name in metrics if name.count("/") == 1 and not name.endswith("loss"))
             print("[sahs] " + "  ".join(f"{name}={metrics[name]:.4f}" for name in overall))
             print_by_family(metrics)
+            run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            runs.log_files(self.trainer.loggers, run_dir,
+                           [run_dir / runs.CONFIG_FILE, *sorted(run_dir.glob("head_ranking.*"))], "fit")
+        self._close()
 
+    def after_validate(self) -> None:
+        self._close()
+
+    def after_test(self) -> None:
+        self._close()
+
+    def after_predict(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        """Finish the loggers (a W&B run ends here, so a next run in this process starts its own)."""
+        runs.finish(self.trainer.loggers, ok=not self.trainer.interrupted)
+        if self.trainer.is_global_zero and self.run_dir is not None:
+            print(f"[sahs] run folder: {self.run_dir}")
 
     def _save_ranking(self) -> None:
         """With ``top_k``, keep the head ranking with the run (JSON, CSV, heatmap; a W&B image if logging there)."""
@@ -99,13 +164,19 @@ def print_by_family(metrics: dict[str, float]) -> None:
 
 
 def lightning_main(args: list[str] | None = None) -> SahsCLI:
-    return SahsCLI(
-        DetectorModule,
-        ActivationDataModule,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    inherited = runs.RUN_DIR_ENV in os.environ
+    try:
+        return SahsCLI(
+            DetectorModule,
+            ActivationDataModule,
+            parser_kwargs={"parser_mode": PARSER_MODE},
+            save_config_callback=SaveRunConfig,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    finally:
+        if not inherited:  # the next run in this process gets a folder of its own
+            os.environ.pop(runs.RUN_DIR_ENV, None)
 
 
 def _verb(module: str) -> Callable[[list[str]], None]:

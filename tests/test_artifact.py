@@ -24,6 +24,7 @@ from sahs.data.cache import ActivationCache, CacheMismatchError
 from sahs.data.datamodule import ActivationDataModule
 from sahs.models.module import DetectorModule
 from tests.synthetic import planted_features, write_cache
+from tests.run_folders import newest_run
 
 PLANTED = [(2, 1), (1, 3)]
 
@@ -97,7 +98,7 @@ def test_checkpoint_keeps_the_ranked_heads_and_predict_uses_them_without_top_k(f
 def test_predict_writes_parquet_for_the_whole_cache_in_the_run_folder(fitted):
     config, checkpoint, _ = fitted
     main(["predict", "--config", str(config), "--ckpt_path", str(checkpoint), "--predictions.format", "parquet"])
-    table = pd.read_parquet(config.parent / "run" / "predictions.parquet")
+    table = pd.read_parquet(newest_run(config.parent / "run", "predict") / "predictions.parquet")  # its own folder
     cache = ActivationCache(config.parent / "cache")
     assert table["id"].tolist() == cache.column("id")
     assert list(table.columns) == ["id", "score", "flagged", "label", "attack", "source", "split"]

@@ -18,6 +18,7 @@ from sahs.experiments import LoaoSettings
 from sahs.experiments.loao import leave_one_attack_out
 from sahs.models.detectors import LogisticDetector
 from sahs.prompts.benchmarks import MMSafetyBench, MMVet
+from tests.run_folders import newest_run
 
 SCENARIOS = ("01-Illegal_Activitiy", "02-HateSpeech")
 QUESTIONS = 8  # per scenario, each in the four forms sd, sd_typo, typo, text
@@ -98,7 +99,7 @@ def test_no_request_is_on_two_sides_of_the_datamodule_split(mix: Path, seed: int
 def test_sahs_loao_runs_on_the_readme_example_mix(mix: Path, capsys) -> None:
     main(["loao", "--config", str(mix), "--top_k", "4"])
     out = capsys.readouterr().out
-    saved = json.loads((mix.parent / "run" / "loao" / "loao.json").read_text())
+    saved = json.loads((newest_run(mix.parent / "run", "loao") / "loao.json").read_text())
     assert [fold["attack"] for fold in saved["folds"]] == ["sd", "sd_typo", "text", "typo"]  # vqa: benign pool
     assert sum(fold["n_benign_share"] for fold in saved["folds"]) == BENIGN
     assert all(fold["n_removed"] == 3 * (fold["n_test"] - fold["n_benign_share"]) for fold in saved["folds"])

@@ -15,6 +15,7 @@ from sahs.data.cache import ActivationCache
 from sahs.experiments import LoaoSettings
 from sahs.experiments.loao import leave_one_attack_out
 from sahs.models.detectors import LogisticDetector, MLPDetector, SparseL1Detector
+from tests.run_folders import newest_run
 from tests.synthetic import planted_features, write_cache
 
 PLANTED = [(2, 1), (1, 3)]
@@ -40,14 +41,14 @@ def test_locate_prints_the_planted_heads_first_and_saves_the_ranking(run_config,
     lines = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("L0")]
     printed = [(int(line[1:3]), int(line[5:7])) for line in lines]
     assert set(printed) == set(PLANTED)
-    saved = run_config.parent / "run" / "locate"
+    saved = newest_run(run_config.parent / "run", "locate")
     assert (saved / "head_ranking.json").exists() and (saved / "head_ranking.png").stat().st_size > 0
 
 
 def test_loao_equals_a_direct_call_and_logs_every_fold(run_config, capsys):
     main(["loao", "--config", str(run_config), "--top_k", "4"])
     out = capsys.readouterr().out
-    saved = json.loads((run_config.parent / "run" / "loao" / "loao.json").read_text())
+    saved = json.loads((newest_run(run_config.parent / "run", "loao") / "loao.json").read_text())
     cache = ActivationCache(yaml.safe_load(run_config.read_text())["data"]["cache_dir"])
     features = cache.read().view(len(cache), 3, 4, -1)
     direct = leave_one_attack_out(features, cache.labels, cache.column("attack"),
@@ -110,11 +111,11 @@ def test_a_head_planted_at_model_layer_2_is_named_layer_2_everywhere(tmp_path, c
                                       "data": {"cache_dir": str(tmp_path / "cache")}}))
     main(["locate", "--config", str(config), "--top_k", "1", *selection])
     assert _printed_heads(capsys.readouterr().out) == [(2, 1)]
-    saved = json.loads((tmp_path / "run" / "locate" / "head_ranking.json").read_text())
+    saved = json.loads((newest_run(tmp_path / "run", "locate") / "head_ranking.json").read_text())
     assert 2 in saved["layers"]
     main(["loao", "--config", str(config), "--top_k", "1", *selection])
     capsys.readouterr()
-    folds = json.loads((tmp_path / "run" / "loao" / "loao.json").read_text())["folds"]
+    folds = json.loads((newest_run(tmp_path / "run", "loao") / "loao.json").read_text())["folds"]
     assert all(fold["heads"] == [[2, 1]] for fold in folds)
 
 
@@ -136,15 +137,18 @@ def test_a_verbs_options_come_from_its_config_section_and_every_verb_is_listed(r
     from sahs.commands import VERBS
 
     config = yaml.safe_load(run_config.read_text())
-    config["loao"] = {"top_k": 1, "output": str(tmp_path / "from_section")}
+    config["loao"] = {"top_k": 1}
+    config["run"] = {"name": "from_section"}
+    config["trainer"]["default_root_dir"] = str(tmp_path)
     path = tmp_path / "with_section.yaml"
     path.write_text(yaml.safe_dump(config))
     main(["loao", "--config", str(path)])
-    folds = json.loads((tmp_path / "from_section" / "loao.json").read_text())["folds"]
+    folds = json.loads((tmp_path / "loao" / "from_section" / "loao.json").read_text())["folds"]
     assert all(len(fold["heads"]) == 1 for fold in folds)
     main(["loao", "--config", str(path), "--loao.top_k", "3"])  # the command line overrides the section
-    folds = json.loads((tmp_path / "from_section" / "loao.json").read_text())["folds"]
-    assert all(len(fold["heads"]) == 3 for fold in folds)
+    folds = json.loads((tmp_path / "loao" / "from_section-2" / "loao.json").read_text())["folds"]
+    assert all(len(fold["heads"]) == 3 for fold in folds)  # in a folder of its own: the first run is kept
+    assert len(json.loads((tmp_path / "loao" / "from_section" / "loao.json").read_text())["folds"][0]["heads"]) == 1
     capsys.readouterr()
     main(["--help"])
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]

@@ -1,38 +1,203 @@
-"""Every sweep in sweeps/ names parameters that the run config it drives accepts."""
+"""Sweeps: every definition in sweeps/ maps onto real config keys; offline sweeps run, record and summarize."""
 
 from __future__ import annotations
 
+import csv
+import json
+import math
 from pathlib import Path
 
 import pytest
 import yaml
 
-from sahs.cli import SahsCLI
+from sahs.cli import PARSER_MODE, SahsCLI, main
 from sahs.data.datamodule import ActivationDataModule
+from sahs.experiments import LoaoSettings
+from sahs.experiments.loao import leave_one_attack_out
+from sahs.experiments.sweep_spec import cli_text, load_sweep
+from sahs.models.detectors import LogisticDetector, SparseL1Detector
 from sahs.models.module import DetectorModule
+from tests.synthetic import planted_features, write_cache
+from tests.wandb_records import offline_run, offline_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
+DETECTORS = ROOT / "configs" / "detector"
 
 
-def sample(spec: dict) -> object:
-    """One value a W&B sweep could draw for this parameter."""
-    if "values" in spec:
-        return spec["values"][-1]
-    if "value" in spec:
-        return spec["value"]
-    return spec["min"]
+@pytest.fixture(scope="module")
+def parser():
+    """The run config's parser (built once; each check below only parses)."""
+    cli = SahsCLI(DetectorModule, ActivationDataModule, parser_kwargs={"parser_mode": PARSER_MODE}, run=False,
+                  args=["--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.logger=false"])
+    return cli.parser
 
 
-@pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.name)
-def test_sweep_parameters_are_accepted_by_its_run_config(sweep):
-    spec = yaml.safe_load(sweep.read_text())
-    assert spec["metric"]["name"] in {"loao/auroc_mean", "loao/auroc_min", "val/auroc"}
-    command = spec["command"]
-    config = ROOT / command[command.index("--config") + 1]
-    overrides = [f"--{name}={sample(values)}" for name, values in spec["parameters"].items()]
-    cli = SahsCLI(DetectorModule, ActivationDataModule, parser_kwargs={"parser_mode": "omegaconf"}, run=False,
-                  args=["--config", str(config), "--trainer.logger=false", *overrides])
-    for name, values in spec["parameters"].items():  # each drawn value lands where the sweep means it
-        assert cli.config[name] == yaml.safe_load(str(sample(values))), name
-    assert isinstance(cli.model, DetectorModule)
+def candidates(parameter) -> list:
+    """Every value a grid visits, or a distribution's two ends."""
+    if parameter.finite:
+        return parameter.grid_values()
+    exponents = parameter.distribution in ("log_uniform", "q_log_uniform")  # W&B: min and max are exponents of e
+    return [math.exp(bound) if exponents else bound for bound in (parameter.low, parameter.high)]
+
+
+def expected(value):
+    """What the config holds after `--key=value`: a detector YAML file's content, else the value itself."""
+    if isinstance(value, str) and value.endswith(".yaml"):
+        return yaml.safe_load((ROOT / value).read_text())
+    return yaml.safe_load(cli_text(value))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_value_of_every_parameter_lands_in_the_config_key_it_names(path, parser, monkeypatch):
+    monkeypatch.chdir(ROOT)  # sweep definitions name configs relative to the repository, as W&B agents run them
+    spec = load_sweep(path)
+    assert spec.metric in {"loao/auroc_mean", "loao/auroc_min"} and spec.verb == "loao"
+    base = spec.run_args
+    first = spec.first_point()
+    for index, parameter in enumerate(spec.parameters):
+        before = spec.overrides({p.name: first[p.name] for p in spec.parameters[:index]})
+        for value in candidates(parameter):
+            config = parser.parse_args([*base, *before, f"--{parameter.name}={cli_text(value)}"])
+            landed = config[parameter.name]
+            landed = landed.as_dict() if hasattr(landed, "as_dict") else landed
+            want = expected(value)
+            if isinstance(want, dict):  # a detector file: its class and every init arg it sets
+                assert landed["class_path"] == want["class_path"], parameter.name
+                assert {k: landed["init_args"][k] for k in want["init_args"]} == want["init_args"], parameter.name
+            else:
+                assert landed == pytest.approx(want) if isinstance(want, float) else landed == want, parameter.name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Offline sweeps of real LOAO runs on a tiny synthetic cache (3 attack families, two planted heads).
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("sweep")
+    features, labels, attacks = planted_features(n=150, layers=3, heads=4, signal_heads=[(2, 1), (1, 3)],
+                                                 strength=1.2)
+    write_cache(root / "cache", features, labels, attacks)
+    config = {"seed_everything": 0,
+              "trainer": {"default_root_dir": str(root / "outputs"),
+                          "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                     "init_args": {"save_dir": "${trainer.default_root_dir}", "name": "logs"}}},
+              "model": {"detector": {"class_path": "sahs.models.detectors.LogisticDetector", "init_args": {"l2": 0.01}}},
+              "data": {"cache_dir": str(root / "cache")}}
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    return {"root": root, "features": features, "labels": labels, "attacks": attacks}
+
+
+def sweep_file(tiny: dict, name: str, parameters: dict, method: str = "grid") -> Path:
+    spec = {"name": name, "project": "sahs-test", "program": "sahs", "method": method,
+            "metric": {"name": "loao/auroc_mean", "goal": "maximize"}, "parameters": parameters,
+            "command": ["${program}", "loao", "--config", str(tiny["root"] / "run.yaml"), "${args}"]}
+    path = tiny["root"] / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def read_summary(sweep_dir: Path) -> list[dict]:
+    with open(sweep_dir / "summary.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_offline_grid_sweep_records_every_run_and_its_best_row_is_what_the_run_logged(tiny, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    detectors = [str(DETECTORS / "logistic.yaml"), str(DETECTORS / "group_lasso.yaml")]
+    path = sweep_file(tiny, "grid", {"model.detector": {"values": detectors},
+                                     "loao.top_k": {"values": [1, 4, 100]}})  # 100 > 12 heads: those runs fail
+    main(["sweep", str(path), "--trainer.default_root_dir", str(tiny["root"] / "elsewhere")])
+    out = capsys.readouterr().out
+    sweep_dir = tiny["root"] / "elsewhere" / "sweeps" / "grid"
+    assert "grid point 6/6" in out and "fold 3/3" in out  # progress: the run, and the fold
+
+    rows = read_summary(sweep_dir)
+    assert sorted((row["model.detector"], row["loao.top_k"]) for row in rows) == sorted(
+        (d, str(k)) for d in detectors for k in (1, 4, 100))  # one row per run, each grid point once
+    failed = [row for row in rows if row["status"] == "failed"]
+    assert sorted(row["loao.top_k"] for row in failed) == ["100", "100"]
+    assert all("top_k must be in [1, 12]" in row["error"] for row in failed)  # recorded with its error
+    assert (sweep_dir / "auroc_vs_heads.png").stat().st_size > 0 and (sweep_dir / "summary.md").is_file()
+
+    best = max((row for row in rows if row["status"] == "finished"), key=lambda row: float(row["loao/auroc_mean"]))
+    run_dir = Path(best["dir"])
+    logged = offline_run(run_dir)  # what the run itself logged to W&B (offline files)
+    assert float(best["loao/auroc_mean"]) == pytest.approx(logged["logged"]["loao/auroc_mean"], abs=1e-12)
+    assert float(best["loao/auroc_min"]) == pytest.approx(logged["logged"]["loao/auroc_min"], abs=1e-12)
+    assert logged["name"] == best["run"] and logged["group"] == "grid" and logged["job_type"] == "loao"
+    assert "sweep" in logged["tags"] and "loao" in logged["tags"]
+    detector, chosen = logged["config"]["model"]["detector"], yaml.safe_load(Path(best["model.detector"]).read_text())
+    assert detector["class_path"] == chosen["class_path"]  # the detector class and its init args
+    assert {key: detector["init_args"][key] for key in chosen["init_args"]} == chosen["init_args"]
+    assert logged["config"]["loao"]["top_k"] == float(best["loao.top_k"])
+
+    # Independently: the same LOAO called directly on the cache's features gives the same figure.
+    spec = yaml.safe_load(Path(best["model.detector"]).read_text())["init_args"]
+    detector = LogisticDetector(**spec) if "l2" in spec else SparseL1Detector(**spec, head_dim=8)
+    direct = leave_one_attack_out(tiny["features"], tiny["labels"], tiny["attacks"],
+                                  LoaoSettings(top_k=int(best["loao.top_k"]), detector=detector, seed=0))
+    assert float(best["loao/auroc_mean"]) == pytest.approx(direct.auroc_mean, abs=1e-6)
+
+    # The run's saved config re-runs it exactly, into a folder of its own.
+    main(["loao", "--config", str(run_dir / "config.yaml")])
+    again = json.loads((run_dir.parent / f"{run_dir.name}-2" / "metrics.json").read_text())
+    assert again["loao/auroc_mean"] == pytest.approx(float(best["loao/auroc_mean"]), abs=1e-9)
+    assert not (tiny["root"] / "outputs").exists()  # the command line's root took every output
+
+
+def test_a_parameter_that_names_no_config_key_fails_before_any_run(tiny, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    path = sweep_file(tiny, "typo", {"loao.top_k": {"values": [1, 2]},
+                                     "model.detector.init_args.l22": {"values": [0.1]}})
+    with pytest.raises(SystemExit):
+        main(["sweep", str(path)])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "sweep parameter 'model.detector.init_args.l22'" in error[0]
+    assert "did you mean l2" in error[0]
+    assert not (tiny["root"] / "outputs" / "sweeps" / "typo").exists()  # nothing ran, nothing written
+
+
+def test_a_w_and_b_sweep_runs_the_agents_draws_in_process(tiny, monkeypatch, capsys):
+    """Online: the sweep is created on W&B and an agent runs here (W&B's server is replaced by a stand-in)."""
+    import wandb
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    created = {}
+
+    def sweep(config, project=None, entity=None):
+        created.update(config=config, project=project, entity=entity)
+        return "abc123"
+
+    def agent(sweep_id, function, count=None, project=None, entity=None):
+        """Like W&B's agent (wandb/agents/pyagent.py): each draw reaches wandb.init through WANDB_SWEEP_PARAM_PATH."""
+        created.update(agent=(sweep_id, count, project, entity))
+        monkeypatch.setenv("WANDB_MODE", "offline")  # no server here: the runs are written offline
+        for index, top_k in enumerate([1, 2][:count]):
+            draw = tiny["root"] / f"draw-{index}.yaml"
+            draw.write_text(yaml.safe_dump({"loao.top_k": {"value": top_k}}))
+            monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(draw))
+            wandb.teardown()  # as W&B's agent does before each run: settings are read from the environment again
+            function()
+            monkeypatch.delenv("WANDB_SWEEP_PARAM_PATH")
+
+    monkeypatch.setattr(wandb, "sweep", sweep)
+    monkeypatch.setattr(wandb, "agent", agent)
+    path = sweep_file(tiny, "online", {"loao.top_k": {"values": [1, 2, 4]}}, method="random")
+    spec = yaml.safe_load(path.read_text())
+    spec["entity"] = "team"
+    path.write_text(yaml.safe_dump(spec))
+    main(["sweep", str(path), "--count", "2"])
+    assert "wandb agent team/sahs-test/abc123" in capsys.readouterr().out
+    assert created["config"]["parameters"] == spec["parameters"] and created["agent"] == ("abc123", 2, "sahs-test", "team")
+    sweep_dir = tiny["root"] / "outputs" / "sweeps" / "online"
+    rows = read_summary(sweep_dir)
+    assert sorted(row["loao.top_k"] for row in rows) == ["1", "2"] and {row["status"] for row in rows} == {"finished"}
+    agent_runs = offline_runs(sweep_dir / "wandb")  # the agent's runs: the W&B files live with the sweep
+    for row in rows:
+        logged = agent_runs[row["run"]]
+        assert logged["group"] == "online" and logged["job_type"] == "loao"
+        assert logged["config"]["loao"]["top_k"] == float(row["loao.top_k"])
+        assert float(row["loao/auroc_mean"]) == pytest.approx(logged["logged"]["loao/auroc_mean"], abs=1e-12)

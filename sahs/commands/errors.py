@@ -104,14 +104,24 @@ def config_error_line(message: str) -> str:
     return f"config error: {where or 'a value'} got {match['value']!r}; accepted: {accepted}"
 
 
+def _sections() -> dict[str, str]:
+    """Every section of a run config and the class it is read into: ``data``, ``run``, each verb's options..."""
+    from sahs.commands.run_config import verb_options
+
+    found = {**SECTIONS, "run": "sahs.commands.runs.RunIdentity"}
+    found.update({verb: f"{options.__module__}.{options.__qualname__}" for verb, options in verb_options().items()})
+    return found
+
+
 def _unknown_top_level(key: str) -> str:
-    """A key outside any class (``data.cache_dri``, ``trainr``): list what its section accepts."""
+    """A key outside any class (``data.cache_dri``, ``trainr``, ``loao.top_kk``): list what its section accepts."""
     section, _, name = key.partition(".")
-    if name and section in SECTIONS:
-        accepted = _accepted_keys(SECTIONS[section])
-        owner = f"{section} ({SECTIONS[section].rsplit('.', 1)[-1]})"
+    sections = _sections()
+    if name and section in sections:
+        accepted = _accepted_keys(sections[section])
+        owner = f"{section} ({sections[section].rsplit('.', 1)[-1]})"
     else:
-        accepted, name, owner = list(TOP_LEVEL), key, "a run config"
+        accepted, name, owner = [*TOP_LEVEL, *(s for s in sections if s not in TOP_LEVEL)], key, "a run config"
     close = difflib.get_close_matches(name, accepted, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return f"config error: unknown key {key}; {owner} accepts {', '.join(accepted)}{hint}"

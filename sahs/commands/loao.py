@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,12 +14,21 @@ class Options:
     Args:
         top_k: Heads per fold: a count, or a fraction in (0, 1) (default: ``data.top_k``, else 16).
         transfer: Also train on each family and test on each other (the transfer matrix).
-        output: Folder for the results (default: ``<root_dir>/loao``).
+        max_iter: Most iterations of each fold's full-batch detector fit.
     """
 
     top_k: float | None = None
     transfer: bool = False
-    output: str | None = None
+    max_iter: int = 1000
+
+
+@dataclass
+class LoaoRun:
+    """A finished ``sahs loao`` run: its folder, its resolved config and the metrics it logged."""
+
+    dir: Path
+    config: dict
+    metrics: dict[str, float]
 
 
 def _top_k(option: float | None, configured: int | None) -> int | float:
@@ -28,41 +38,76 @@ def _top_k(option: float | None, configured: int | None) -> int | float:
 
 
 def main(argv: list[str]) -> None:
-    from sahs.commands.run_config import parse
+    run(argv)
+
+
+def run(argv: list[str], store=None, parser=None, quiet: bool = False) -> LoaoRun:
+    """One leave-one-attack-out run in its own folder.
+
+    Runs of a sweep share an ``InputStore`` (one read of the cache) and a ``RunParser`` (one parser).
+    An error after the run's folder exists carries it as ``error.run_dir``.
+    """
+    from sahs.commands import runs
+    from sahs.commands.run_config import RunParser
+    from sahs.experiments.inputs import InputStore
+
+    parser = parser if parser is not None else RunParser("loao")
+    options, config = parser.parse(argv, keep_logger=True, new_run=True)
+    try:
+        result = _leave_one_attack_out(options, config, store if store is not None else InputStore(every_layer=False),
+                                       quiet)
+    except BaseException as error:
+        error.run_dir = config.dir
+        runs.finish(config.loggers, ok=False)
+        raise
+    runs.finish(config.loggers, ok=True)
+    return result
+
+
+def load_inputs(run, store):
+    """What LOAO reads from the run's cache, filling the cache first (once per cache and extraction setting)."""
+    if (run.datamodule, run.extraction_config) not in store and run.extraction is not None:
+        run.extraction.fill(run.datamodule.cache_dir)
+    return store.get(run.datamodule, run.extraction_config)
+
+
+def _leave_one_attack_out(options: Options, run, store, quiet: bool) -> LoaoRun:
+    from sahs.commands import runs
     from sahs.experiments import LoaoSettings
+    from sahs.experiments.records import METRICS_FILE
     from sahs.experiments.loao import leave_one_attack_out
-    from sahs.data.rankings import RankingStore
     from sahs.experiments.transfer import transfer_matrix
 
-    options, run = parse("loao", argv, keep_logger=True)
-    run.ensure_cache()
+    runs.log_config(run.loggers, run.config)
     datamodule = run.datamodule
-    layers = datamodule.candidate_layers()
-    features = datamodule.read_layers(layers, dtype=None)  # stored dtype (float16): folds convert what they use
-    rankings = RankingStore.for_cache(datamodule.cache)  # a ranking per fold, computed once and kept
-    labels, attacks, groups = datamodule.labels, datamodule.column("attack"), datamodule.column("group")
+    inputs = load_inputs(run, store)
     detector = run.module.detector
     if getattr(detector, "head_dim", 0) is None:  # group lasso needs each head's width
-        detector.head_dim = datamodule.head_dim
-    settings = LoaoSettings(top_k=_top_k(options.top_k, datamodule.hparams.top_k), detector=detector, seed=run.seed)
-    result = leave_one_attack_out(features, labels, attacks, settings, layers=layers, groups=groups,
-                                  progress=lambda line: print(f"[sahs] loao {line}", flush=True), rankings=rankings)
-    output = Path(options.output or run.root_dir / "loao")
-    result.save(output)
+        detector.head_dim = inputs.head_dim
+    settings = LoaoSettings(top_k=_top_k(options.top_k, datamodule.hparams.top_k), detector=detector,
+                            seed=run.seed, max_iter=options.max_iter)
+    columns = (inputs.features, inputs.labels, inputs.attacks)
+    result = leave_one_attack_out(*columns, settings, layers=inputs.layers, groups=inputs.groups,
+                                  progress=lambda line: print(f"[sahs] {run.dir.name} {line}", flush=True),
+                                  rankings=inputs.rankings)
+    result.save(run.dir)
     summary = result.summary()
+    files = [run.dir / name for name in (runs.CONFIG_FILE, "loao.json", "loao.csv", METRICS_FILE)]
     if options.transfer:
-        transfer = transfer_matrix(features, labels, attacks, settings, layers=layers, groups=groups,
-                                   rankings=rankings)
-        transfer.save(output)
-        transfer.plot(output / "transfer.png")
+        transfer = transfer_matrix(*columns, settings, layers=inputs.layers, groups=inputs.groups,
+                                   rankings=inputs.rankings)
+        files += [transfer.save(run.dir), transfer.plot(run.dir / "transfer.png")]
         summary.update({f"transfer/{a}->{b}": float(transfer.auroc[i, j])
                         for i, a in enumerate(transfer.families) for j, b in enumerate(transfer.families)})
+    (run.dir / METRICS_FILE).write_text(json.dumps(summary, indent=1))
     for logger in run.loggers:
         logger.log_metrics(summary)
-        logger.finalize("success")
-    print("[sahs] leave-one-attack-out (held-out family: AUROC, ASR, PR)")
-    for fold in result.folds:
-        m = fold.metrics
-        print(f"  {fold.attack:<12} auroc={m['auroc']:.4f}  asr={m['asr']:.4f}  pr={m['pr']:.4f}  "
-              f"n_test={fold.n_test}  n_benign_share={fold.n_benign_share}  n_removed={fold.n_removed}")
-    print(f"[sahs] loao/auroc_mean={result.auroc_mean:.4f}  loao/auroc_min={result.auroc_min:.4f}  ({output})")
+    runs.log_files(run.loggers, run.dir, files, "loao")
+    if not quiet:
+        print("[sahs] leave-one-attack-out (held-out family: AUROC, ASR, PR)")
+        for fold in result.folds:
+            m = fold.metrics
+            print(f"  {fold.attack:<12} auroc={m['auroc']:.4f}  asr={m['asr']:.4f}  pr={m['pr']:.4f}  "
+                  f"n_test={fold.n_test}  n_benign_share={fold.n_benign_share}  n_removed={fold.n_removed}")
+        print(f"[sahs] loao/auroc_mean={result.auroc_mean:.4f}  loao/auroc_min={result.auroc_min:.4f}  ({run.dir})")
+    return LoaoRun(run.dir, run.config, summary)

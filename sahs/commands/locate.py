@@ -12,18 +12,31 @@ class Options:
 
     Args:
         top_k: How many of the best heads to print and box in the heatmap.
-        output: Folder for the ranking (default: ``<root_dir>/locate``).
     """
 
     top_k: int = 10
-    output: str | None = None
 
 
 def main(argv: list[str]) -> None:
+    from sahs.commands import runs
     from sahs.commands.run_config import parse
+
+    options, run = parse("locate", argv, keep_logger=True, new_run=True)
+    try:
+        _locate(options, run)
+    except BaseException:
+        runs.finish(run.loggers, ok=False)
+        raise
+    runs.finish(run.loggers, ok=True)
+
+
+def _locate(options: Options, run) -> None:
+    import time
+
+    from sahs.commands import runs
     from sahs.data.rankings import RankingStore
 
-    options, run = parse("locate", argv)
+    runs.log_config(run.loggers, run.config)
     run.ensure_cache()
     datamodule = run.datamodule
     ranking = datamodule.ranking
@@ -31,11 +44,14 @@ def main(argv: list[str]) -> None:
         layers = datamodule.candidate_layers()
         train = datamodule.splits["train"]
         features = datamodule.read_layers(layers, dtype=None)  # the stored dtype; probes convert chunk by chunk
-        print(f"[sahs] ranking {features.shape[1] * features.shape[2]} heads on {len(train)} training prompts")
+        print(f"[sahs] locate: ranking {features.shape[1] * features.shape[2]} heads of layers {layers} "
+              f"on {len(train)} training prompts", flush=True)
+        start = time.perf_counter()
         ranking = RankingStore.for_cache(datamodule.cache).rank(
             features, datamodule.labels, rows=train, layers=layers, seed=datamodule.hparams.seed,
             attacks=datamodule.column("attack"), groups=datamodule.column("group"))
-    output = Path(options.output or run.root_dir / "locate")
+        print(f"[sahs] locate: ranked in {time.perf_counter() - start:.1f} s", flush=True)
+    output = run.dir
     ranking.save(output)
     top = ranking.top(min(options.top_k, ranking.auroc.numel()))
     heatmap = ranking.plot(output / "head_ranking.png", selected=top)
@@ -43,4 +59,9 @@ def main(argv: list[str]) -> None:
     for layer, head in top:
         auroc, accuracy = ranking.score(layer, head)
         print(f"  L{layer:02d}.H{head:02d}  auroc={auroc:.4f}  acc@0.5={accuracy:.4f}")
+    for logger in run.loggers:
+        logger.log_metrics({"locate/best_auroc": ranking.score(*top[0])[0]})
+        if hasattr(logger, "log_image"):
+            logger.log_image(key="heads/ranking", images=[str(heatmap)])
+    runs.log_files(run.loggers, output, [output / runs.CONFIG_FILE, *sorted(output.glob("head_ranking.*"))], "locate")
     print(f"[sahs] ranking written to {output} (heatmap {heatmap.name})")

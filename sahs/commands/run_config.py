@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from sahs.commands import runs
+from sahs.experiments.records import CONFIG_FILE
 from sahs.data.datamodule import ActivationDataModule
 from sahs.models.module import DetectorModule
 
@@ -27,6 +32,17 @@ class Run:
     seed: int
     loggers: list = field(default_factory=list)
     devices: dict = field(default_factory=dict)  # accelerator, devices, num_nodes, strategy as configured
+    dir: Path | None = None  # the run's own folder, ``<root_dir>/<verb>/<name>`` (verbs that make one)
+    config: dict = field(default_factory=dict)  # the full resolved config, plain values
+    extraction_config: str = ""  # the extraction callback's config: runs that share it share a cache
+    argv: list[str] = field(default_factory=list)  # the command line as parsed (verb shorthands expanded)
+    parser: Any = field(default=None, repr=False)  # the run config's parser, for checking more overrides
+
+    def save_config(self) -> Path:
+        """Write the full resolved config into the run's folder; ``sahs <verb> --config`` on it re-runs the run."""
+        path = self.dir / CONFIG_FILE
+        path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        return path
 
     def ensure_cache(self) -> None:
         """Fill the cache through the config's extraction callback (no-op when it is reused), then load it."""
@@ -64,25 +80,79 @@ def _shorthand(verb: str, options: type | None, argv: list[str]) -> list[str]:
     return out
 
 
-def parse(verb: str, argv: list[str], keep_logger: bool = False) -> tuple[Any, Run]:
-    """Parse ``sahs <verb>``'s command line (a run config, overrides, the verb's section) and build the run."""
-    from sahs.callbacks import ActivationExtraction
-    from sahs.cli import SahsCLI
+class RunParser:
+    """Parses one verb's run configs; after the first, with the parser built then (a sweep parses hundreds).
 
-    options_class = verb_options().get(verb)
-    args = _shorthand(verb, options_class, argv)
-    if not keep_logger and not any(a.startswith("--trainer.logger") for a in args):
-        args = [*args, "--trainer.logger=false"]
-    cli = SahsCLI(DetectorModule, ActivationDataModule, parser_kwargs={"parser_mode": "omegaconf", "prog": f"sahs {verb}"},
-                  run=False, args=args)
-    extraction = next((c for c in cli.trainer.callbacks if isinstance(c, ActivationExtraction)), None)
-    seed = cli.config.get("seed_everything")
-    run = Run(cli.datamodule, cli.model, Path(cli.trainer.default_root_dir), extraction,
-              seed if isinstance(seed, int) else 0, list(cli.trainer.loggers),
-              {key: cli.config[f"trainer.{key}"] for key in ("accelerator", "devices", "num_nodes", "strategy")})
-    options = None
-    if options_class is not None:
-        options = cli.config_init[verb]
-        if not isinstance(options, options_class):  # a section jsonargparse left as a Namespace
-            options = options_class(**cli.config[verb].as_dict())
-    return options, run
+    The first parse builds everything through ``SahsCLI``; later ones only parse, instantiate the config's
+    classes and place the run (no Trainer is built: the verbs that reuse a parser do not train).
+    """
+
+    def __init__(self, verb: str) -> None:
+        self.verb = verb
+        self.options_class = verb_options().get(verb)
+        self._parser = None
+
+    def parse(self, argv: list[str], keep_logger: bool = False, new_run: bool = False) -> tuple[Any, Run]:
+        """Parse ``sahs <verb>``'s command line (a run config, overrides, the verb's section) and build the run.
+
+        With ``new_run`` the run gets its own folder ``<root_dir>/<verb>/<run.name>`` (``Run.dir``), its
+        loggers write there and carry the run's identity, and its full config is saved there. A config
+        error raises ``ArgumentError`` (``sahs`` prints the key at fault in one line).
+        """
+        args = _shorthand(self.verb, self.options_class, argv)
+        if not keep_logger and not any(a.startswith("--trainer.logger") for a in args):
+            args = [*args, "--trainer.logger=false"]
+        if self._parser is None:
+            config, init, run_dir = self._first(args, new_run)
+        else:
+            config = self._parser.parse_args(args)
+            init = self._parser.instantiate_classes(config)
+            run_dir = runs.place_run(config, init["trainer"], self.verb, args) if new_run else None
+        return self._options(config, init), self._run(config, init, run_dir, args)
+
+    def _first(self, args: list[str], new_run: bool):
+        from sahs.cli import PARSER_MODE, SahsCLI
+
+        parser_kwargs = {"parser_mode": PARSER_MODE, "prog": f"sahs {self.verb}"}
+        with warnings.catch_warnings():  # `sahs <verb>` always hands LightningCLI its own arguments
+            warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
+            cli = SahsCLI(DetectorModule, ActivationDataModule, parser_kwargs=parser_kwargs, run=False, args=args,
+                          verb=self.verb if new_run else None)
+        self._parser = cli.parser
+        init = cli.config_init
+        init["trainer"]["logger"] = list(cli.trainer.loggers)
+        return cli.config, init, cli.run_dir
+
+    def _options(self, config, init) -> Any:
+        if self.options_class is None:
+            return None
+        options = init[self.verb]
+        if not isinstance(options, self.options_class):  # a section jsonargparse left as a Namespace
+            options = self.options_class(**config[self.verb].as_dict())
+        return options
+
+    def _run(self, config, init, run_dir: Path | None, args: list[str]) -> Run:
+        from sahs.callbacks import ActivationExtraction
+
+        trainer = init["trainer"]
+        callbacks = trainer.get("callbacks") or []
+        extraction = next((c for c in callbacks if isinstance(c, ActivationExtraction)), None)
+        loggers = trainer.get("logger")
+        loggers = [] if loggers is None or isinstance(loggers, bool) else (
+            loggers if isinstance(loggers, list) else [loggers])
+        seed = config.get("seed_everything")
+        plain = yaml.safe_load(self._parser.dump(config, skip_none=False, skip_validation=True))  # parsed: valid
+        extraction_config = [c for c in plain["trainer"].get("callbacks") or []
+                             if c.get("class_path", "").endswith("ActivationExtraction")]
+        run = Run(init["data"], init["model"], Path(plain["trainer"]["default_root_dir"] or "."), extraction,
+                  seed if isinstance(seed, int) else 0, loggers,
+                  {key: config[f"trainer.{key}"] for key in ("accelerator", "devices", "num_nodes", "strategy")},
+                  run_dir, plain, yaml.safe_dump(extraction_config), args, self._parser)
+        if run.dir is not None:
+            run.save_config()
+        return run
+
+
+def parse(verb: str, argv: list[str], keep_logger: bool = False, new_run: bool = False) -> tuple[Any, Run]:
+    """``RunParser(verb).parse(...)``: one run's config, parsed and built."""
+    return RunParser(verb).parse(argv, keep_logger=keep_logger, new_run=new_run)
