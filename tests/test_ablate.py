@@ -16,6 +16,7 @@ from sahs.data.datamodule import ActivationDataModule
 from sahs.eval.refusal import PhraseJudge
 from sahs.experiments.ablate import AblationSettings, ablation_plan, random_heads
 from sahs.experiments.ablation_report import AblationResult, AblationSetting
+from tests.run_folders import newest_run
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ["figstep", "rephrase", "text"]
@@ -46,8 +47,8 @@ def test_ablate_runs_end_to_end_on_the_organism(organism_cache, tmp_path, monkey
     main(["ablate", "--config", str(config)])
     out = capsys.readouterr().out
     assert "ablate/asr_top=" in out and "ablate/asr_random_mean=" in out
-    output = tmp_path / "run" / "ablate"
-    assert {p.name for p in output.iterdir()} >= {"ablation.csv", "ablation.md", "answers.jsonl", "ablation_asr.png"}
+    output = newest_run(tmp_path / "run", "ablate")  # the run's own folder
+    assert {p.name for p in output.iterdir()} >= {"config.yaml", "ablation.csv", "ablation.md", "answers.jsonl", "ablation_asr.png"}
 
     records = read_jsonl(output / "answers.jsonl")
     datamodule = ActivationDataModule(str(tmp_path / "cache"), top_k=2)

@@ -20,18 +20,20 @@ class Options(AblationSettings):
         batch_size: Prompts per generation batch.
         reference_size: Benign training prompts whose per-head means ``mean`` ablation writes.
         judge: Refusal judge (``class_path`` / ``init_args``); None: the refusal-phrase matcher ``PhraseJudge()``.
-        output: Folder for the results (default: ``<root_dir>/ablate``).
+        output: Folder for the results (default: the run's own folder, ``<root_dir>/ablate/<run name>``).
     """
 
     output: str | None = None
 
 
 def main(argv: list[str]) -> None:
+    from sahs.commands import runs
     from sahs.commands.run_config import parse
     from sahs.experiments.ablate import ablation_plan, run_ablation, split_prompts
     from sahs.extract.models import load_model, release
 
-    options, run = parse("ablate", argv, keep_logger=True)
+    options, run = parse("ablate", argv, keep_logger=True, new_run=True)
+    runs.log_config(run.loggers, run.config)
     if run.extraction is None:
         raise SystemExit("this config has no sahs.callbacks.ActivationExtraction in trainer.callbacks: "
                          "it names no model or prompt set to ablate")
@@ -50,12 +52,11 @@ def main(argv: list[str]) -> None:
     finally:
         del model
         release()
-    output = Path(options.output or run.root_dir / "ablate")
+    output = Path(options.output) if options.output else run.dir
     paths = result.save(output)
     ranking.save(output)  # the ranking whose top-k was ablated
     result.log(run.loggers, paths["plot"])
-    for logger in run.loggers:
-        logger.finalize("success")
+    runs.finish(run.loggers)
     print(result.markdown())
     summary = result.summary()
     shown = ("asr_none", "asr_top", "asr_random_mean", "benign_refusal_top", "benign_agreement_top")
