@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,7 +59,8 @@ def run_script_ddp(cache_dir: Path) -> list[str]:
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(cache_dir)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return [line.split("=", 1)[1] for line in done.stdout.splitlines() if line.startswith("status=")]
+    # Both ranks write to one pipe: their lines can interleave, so read every status wherever it lands.
+    return re.findall(r"status=([a-z]+)", done.stdout)
 
 
 @pytest.fixture(scope="module")

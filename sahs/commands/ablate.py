@@ -40,7 +40,7 @@ def main(argv: list[str]) -> None:
     run.ensure_cache()
     ranking = _ranking(run.datamodule)
     candidates = [(layer, head) for layer in ranking.layers for head in range(ranking.auroc.shape[1])]
-    plan = ablation_plan(ranking.top(options.k), candidates, options)
+    plan = ablation_plan(ranking.top(min(options.k, len(candidates))), candidates, options)
     datamodule = run.datamodule
     ids = datamodule.column("id")
     test, reference = split_prompts(run.extraction.prompts.load(), ids[datamodule.splits["test"].numpy()],

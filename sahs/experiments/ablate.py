@@ -19,7 +19,7 @@ from sahs.eval.refusal import PhraseJudge, RefusalJudge
 from sahs.experiments.ablation_report import AblationResult, AblationSetting
 from sahs.extract.adapters import find_adapter
 from sahs.extract.generation import generate_answers
-from sahs.guard.ablation import ablated_heads, check_heads, head_means
+from sahs.guard.ablation import AblationError, ablated_heads, check_heads, head_means
 
 
 @dataclass
@@ -46,11 +46,11 @@ class AblationSettings:
 
     def __post_init__(self) -> None:
         if self.k < 1:
-            raise ValueError(f"k must be at least 1, got {self.k}")
+            raise AblationError(f"ablate.k must be at least 1, got {self.k}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be a non-empty list of distinct seeds, got {self.seeds}")
+            raise AblationError(f"ablate.seeds must be a non-empty list of distinct seeds, got {self.seeds}")
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.reference_size < 1:
-            raise ValueError("max_new_tokens, batch_size and reference_size must be at least 1")
+            raise AblationError("ablate.max_new_tokens, batch_size and reference_size must be at least 1")
 
 
 def random_heads(candidates: Sequence[tuple[int, int]], exclude: Sequence[tuple[int, int]], k: int,
@@ -59,7 +59,7 @@ def random_heads(candidates: Sequence[tuple[int, int]], exclude: Sequence[tuple[
     excluded = {tuple(pair) for pair in exclude}
     pool = sorted({tuple(pair) for pair in candidates} - excluded)
     if len(pool) < k:
-        raise ValueError(f"the random control needs {k} heads outside the top {len(excluded)}, but only "
+        raise AblationError(f"the random control needs {k} heads outside the top {len(excluded)}, but only "
                          f"{len(pool)} candidates remain; lower k or rank more layers")
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
     return sorted(pool[int(i)] for i in order[:k])
@@ -70,7 +70,7 @@ def ablation_plan(top: Sequence[tuple[int, int]], candidates: Sequence[tuple[int
     """No ablation, the top-k heads, and one random draw of k non-top heads per seed."""
     top = [tuple(pair) for pair in top[:settings.k]]
     if len(top) < settings.k:
-        raise ValueError(f"the ranking holds {len(top)} heads, fewer than k={settings.k}")
+        raise AblationError(f"the ranking holds {len(top)} heads, fewer than ablate.k={settings.k}: lower ablate.k")
     plan = [AblationSetting("none", "none", []), AblationSetting(f"top{settings.k}", "top", sorted(top))]
     plan += [AblationSetting(f"random{settings.k}-seed{seed}", "random",
                              random_heads(candidates, top, settings.k, seed), seed) for seed in settings.seeds]
@@ -83,7 +83,7 @@ def split_prompts(prompts: datasets.Dataset, test_ids: Sequence[str], train_ids:
     position = {pid: i for i, pid in enumerate(prompts["id"])}
     missing = [pid for pid in [*test_ids, *train_ids] if pid not in position]
     if missing:
-        raise ValueError(f"{len(missing)} cached prompts (e.g. {missing[0]!r}) are not in the configured prompt set; "
+        raise AblationError(f"{len(missing)} cached prompts (e.g. {missing[0]!r}) are not in the configured prompt set; "
                          "the cache was made from another set: rebuild it (`sahs extract`)")
     labels = prompts["label"]
     benign = [position[pid] for pid in train_ids if labels[position[pid]] == 0][:reference_size]
@@ -105,7 +105,7 @@ def run_ablation(model: PreTrainedModel, processor: Any, prompts: datasets.Datas
     means = None
     if settings.mode == "mean":
         if reference is None or len(reference) == 0:
-            raise ValueError("mean ablation needs benign reference prompts")
+            raise AblationError("mean ablation needs benign reference prompts: the training split has none")
         progress(f"per-head means over {len(reference)} benign reference prompts")
         means = head_means(model, processor, adapter, reference["text"], reference["image"], settings.batch_size)
     texts, images = prompts["text"], prompts["image"]

@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 from transformers import PreTrainedModel
 
+from sahs.errors import UserError
 from sahs.extract.adapters import ModelAdapter
 from sahs.extract.formatting import encode_batch
 from sahs.extract.generation import model_device
@@ -25,13 +26,17 @@ from sahs.extract.hooks import forward_pre_hooks
 AblationMode = Literal["zero", "mean"]
 
 
+class AblationError(UserError, ValueError):
+    """An ablation asked for heads, a mode or settings that cannot be: the message says what to change."""
+
+
 def check_heads(adapter: ModelAdapter, heads: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """``heads`` as sorted unique ``(layer, head)`` pairs, or a clear error naming the first bad one."""
     layout = adapter.layout
     pairs = sorted({(int(layer), int(head)) for layer, head in heads})
     for layer, head in pairs:
         if not (0 <= layer < layout.num_layers and 0 <= head < layout.num_heads):
-            raise ValueError(f"head ({layer}, {head}) does not exist: the model has {layout.num_layers} layers of "
+            raise AblationError(f"head ({layer}, {head}) does not exist: the model has {layout.num_layers} layers of "
                              f"{layout.num_heads} heads (layers and heads count from 0)")
     return pairs
 
@@ -53,14 +58,14 @@ def ablated_heads(adapter: ModelAdapter, heads: Sequence[tuple[int, int]], mode:
     """While active, each ``(layer, head)`` in ``heads`` outputs zeros (``zero``) or ``means[layer, head]``
     (``mean``, ``means`` from ``head_means``) at every position. Yields the checked heads; no heads, no hooks."""
     if mode not in ("zero", "mean"):
-        raise ValueError(f"ablation mode must be 'zero' or 'mean', got {mode!r}")
+        raise AblationError(f"ablation mode must be 'zero' or 'mean', got {mode!r}")
     pairs = check_heads(adapter, heads)
     layout = adapter.layout
     if mode == "mean":
         expected = (layout.num_layers, layout.num_heads, layout.head_dim)
         if means is None or tuple(means.shape) != expected:
             got = None if means is None else tuple(means.shape)
-            raise ValueError(f"mean ablation needs per-head means of shape {expected} (from head_means), got {got}")
+            raise AblationError(f"mean ablation needs per-head means of shape {expected} (from head_means), got {got}")
     hooks = {}
     for layer in sorted({layer for layer, _ in pairs}):
         mask = torch.zeros(layout.num_heads, layout.head_dim, dtype=torch.bool)
@@ -80,7 +85,8 @@ def head_means(model: PreTrainedModel, processor: Any, adapter: ModelAdapter, te
     """Every head's mean ``o_proj`` input over all real positions of the reference prompts (the chat
     template and image tokens included, padding excluded): ``[layers, heads, head_dim]``, float32 on CPU."""
     if not texts:
-        raise ValueError("mean ablation needs at least one reference prompt")
+        raise AblationError("mean ablation needs at least one benign reference prompt: raise reference_size or "
+                            "use a prompt set with benign training prompts")
     images = list(images) if images is not None else [None] * len(texts)
     layout = adapter.layout
     sums = torch.zeros(layout.num_layers, layout.num_heads * layout.head_dim, dtype=torch.float64)
