@@ -138,3 +138,8 @@ def test_a_bug_keeps_its_traceback(synthetic_run, monkeypatch):
     monkeypatch.setattr(datamodule.ActivationDataModule, "load", lambda self: [][1])
     with pytest.raises(IndexError):
         main(["fit", "--config", str(synthetic_run)])
+
+
+@pytest.mark.parametrize("top_k, named", [("0", "a fractional top_k must be in (0, 1]"), ("999", "top_k must be in [1, ")])
+def test_a_loao_head_count_that_cannot_work(synthetic_run, capsys, top_k, named):
+    assert named in one_line_error(["loao", "--config", str(synthetic_run), "--top_k", top_k], capsys)

@@ -6,9 +6,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from sahs.errors import UserError
 from sahs.models.detectors import Detector, LogisticDetector
 
 DetectorSpec = Detector | Callable[[], Detector]
+
+
+class SettingsError(UserError, ValueError):
+    """An experiment setting that cannot work (``sahs`` shows it as one line)."""
 
 
 @dataclass(frozen=True)
@@ -37,11 +42,12 @@ class LoaoSettings:
 
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1): the threshold needs validation rows, got {self.val_fraction}")
+            raise SettingsError(f"val_fraction must be in (0, 1): the threshold needs validation rows, got {self.val_fraction}")
         if isinstance(self.top_k, float) and not 0 < self.top_k <= 1:
-            raise ValueError(f"a fractional top_k must be in (0, 1], got {self.top_k}")
+            raise SettingsError(f"a fractional top_k must be in (0, 1], got {self.top_k}: use a count >= 1 "
+                                "or a share of all heads")
         if isinstance(self.top_k, int) and self.top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+            raise SettingsError(f"top_k must be at least 1, got {self.top_k}")
 
     def with_(self, **changes) -> LoaoSettings:
         """A copy with some settings changed."""
@@ -56,5 +62,5 @@ class LoaoSettings:
         if isinstance(self.top_k, float):
             return max(1, round(self.top_k * num_heads))
         if not 1 <= self.top_k <= num_heads:
-            raise ValueError(f"top_k must be in [1, {num_heads}], got {self.top_k}")
+            raise SettingsError(f"top_k must be in [1, {num_heads}], got {self.top_k}")
         return self.top_k
