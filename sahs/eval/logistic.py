@@ -147,8 +147,8 @@ class _Probes:
         self.grad = torch.zeros_like(self.theta)
         self.grad[:, :D] = -(xty - mean * y.sum()) * self.inv / n
         self.direction = self.grad_old = self.pre_old = None
-        # How much the preconditioner overstates the curvature along the last step (at least 1): the
-        # predicted decrease under the bound understates the true one by about this factor.
+        # How much the preconditioner overstates the curvature along the last step (at least 1): a
+        # step under the bound understates the step to the optimum by about this factor.
         self.stretch = x.new_ones(G)
 
     def keep(self, rows: torch.Tensor) -> None:
@@ -216,7 +216,7 @@ def solve_probes(
     *,
     l2: float,
     standardize: bool = False,
-    tol: float = 1e-8,
+    tol: float = 1e-5,
     max_iter: int = 30,
     bound_iter: int = 15,
     mean: torch.Tensor | None = None,
@@ -227,10 +227,13 @@ def solve_probes(
     ``x`` is the workspace: it may be changed. With ``standardize`` the penalty is on the weights
     of the standardized features (population std, as ``StandardScaler``), fitted without a
     standardized copy; the returned weights and bias apply to ``x`` as given. A problem stops when
-    its predicted loss decrease (half its preconditioned squared gradient, scaled up by how much
-    the last line search stretched the step under the bound) is at most ``tol``: up to
-    ``bound_iter`` conjugate-gradient steps under the curvature bound, then Newton steps, at most
-    ``max_iter`` steps in all. ``mean`` (``x.mean(1)``) and ``xty`` (``x^T y``), both ``[G, D]``,
+    its predicted step to the optimum (the preconditioned gradient, scaled up by how much the last
+    line search stretched the step under the bound; the Newton step once Newton steps start) moves
+    no weight (on the standardized features with ``standardize``) nor the bias by more than
+    ``tol``: a rule on the parameters, so that a flat direction (a nearly separable probe's bias)
+    is not left short as a rule on the loss decrease would. Up to ``bound_iter``
+    conjugate-gradient steps under the curvature bound, then Newton steps, at most ``max_iter``
+    steps in all. ``mean`` (``x.mean(1)``) and ``xty`` (``x^T y``), both ``[G, D]``,
     save a pass over ``x`` if the caller has them.
     """
     G, n, D = x.shape
@@ -246,7 +249,7 @@ def solve_probes(
         if bound_iter <= iteration < max_iter:
             state.newton()
         pre = state.preconditioned()
-        done = torch.linalg.vecdot(state.grad, pre) / 2 * state.stretch <= tol
+        done = pre.abs().amax(1) * state.stretch <= tol  # the predicted step to the optimum is within tol
         if iteration == max_iter:
             done[:] = True
         if done.any():

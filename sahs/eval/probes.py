@@ -35,7 +35,7 @@ def fit_head_probes(
     y: torch.Tensor,
     l2: float = 1e-2,
     max_iter: int = 30,
-    tol: float = 1e-8,
+    tol: float = 1e-5,
     bound_iter: int = 15,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit ``G`` independent logistic regressions at once; returns ``(weight [G, D], bias [G])``.
@@ -44,7 +44,8 @@ def fit_head_probes(
     Each probe minimizes mean BCE + ``l2/2 * ||w||^2`` (bias unpenalized), the objective of
     ``LogisticDetector``, with ``sahs.eval.logistic.solve_probes``: conjugate-gradient steps
     preconditioned by the curvature bound, then up to ``max_iter`` steps in all (Newton steps after
-    ``bound_iter``); a probe stops when its predicted loss decrease is below ``tol``.
+    ``bound_iter``); a probe stops when its predicted step to the optimum moves no weight nor the
+    bias by more than ``tol``.
     """
     x = torch.as_tensor(x)
     workspace = x.clone() if x.dtype in (torch.float32, torch.float64) else x.float()  # solve_probes may change it
@@ -213,7 +214,7 @@ def rank_heads(
     seed: int = 0,
     l2: float = 1e-2,
     max_iter: int = 30,
-    tol: float = 1e-8,
+    tol: float = 1e-5,
     standardize: bool = True,
     heads_per_chunk: int = 64,
     device: str | torch.device | None = None,
@@ -232,7 +233,7 @@ def rank_heads(
         seed: Seed of the split.
         l2: Probe penalty ``l2/2 * ||w||^2`` on the mean BCE (as ``LogisticDetector``).
         max_iter: Most iterations of a probe (conjugate-gradient steps, then Newton steps after 15).
-        tol: A probe stops when its predicted loss decrease (half its preconditioned squared gradient) is below this.
+        tol: A probe stops when its predicted step to the optimum moves no standardized weight nor the bias by more.
         standardize: Scale each head dimension by mean/std of the probe-fitting rows.
         heads_per_chunk: Most heads solved together (fewer when their rows would pass 48 MiB of workspace).
         device: Where the probes are fitted (e.g. ``"cuda"``); default the features' device. Chunks of

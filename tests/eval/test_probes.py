@@ -42,13 +42,16 @@ def test_probe_auroc_agrees_with_sklearn_on_sampled_heads(make_features) -> None
         assert float(ranking.auroc[layer, head]) == pytest.approx(expected, abs=0.005)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 3])
 @pytest.mark.parametrize("l2", [1e-2, 1e-3])
-def test_batched_probe_coefficients_match_sklearn(l2: float) -> None:
-    generator = torch.Generator().manual_seed(0)
+def test_batched_probe_coefficients_match_sklearn(l2: float, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 2, (400,), generator=generator)
     x = torch.randn(5, 400, 6, generator=generator)  # 5 probes
     x[0, :, 0] += 6 * labels  # nearly separable: the Newton phase has work to do
     x[1] *= 3
+    # The probe stops once its predicted step to the optimum is below tol = 1e-5 (the default); that
+    # estimate can fall short by a few times in the bounded phase, far inside the 1e-3 checked here.
     weight, bias = fit_head_probes(x, labels.float(), l2=l2)
     for g in range(5):
         reference = LogisticRegression(C=1 / (l2 * 400), tol=1e-10, max_iter=10_000).fit(x[g], labels)
