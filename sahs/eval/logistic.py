@@ -41,6 +41,7 @@ class Fit:
     bias: torch.Tensor  # [G] ([])
     n_iter: torch.Tensor  # [G] ([])
     loss: torch.Tensor  # [G] ([])
+    converged: torch.Tensor  # [G] ([]): the stopping rule held within max_iter
 
 
 def line_search(z, q, y, slope, curvature, wd, dd, l2: float, steps: int = 10):
@@ -245,11 +246,13 @@ def solve_probes(
     inv = state.inv
     theta, loss = x.new_zeros(G, D + 1), x.new_zeros(G)
     n_iter = torch.full((G,), max_iter, dtype=torch.long, device=x.device)
+    converged = torch.zeros(G, dtype=torch.bool, device=x.device)
     for iteration in range(max_iter + 1):
         if bound_iter <= iteration < max_iter:
             state.newton()
         pre = state.preconditioned()
         done = pre.abs().amax(1) * state.stretch <= tol  # the predicted step to the optimum is within tol
+        converged[state.index[done]] = True
         if iteration == max_iter:
             done[:] = True
         if done.any():
@@ -265,7 +268,7 @@ def solve_probes(
                 pre = pre[keep]
         state.step(pre)
     weight = theta[:, :D] * inv
-    return Fit(weight, theta[:, D] - torch.linalg.vecdot(weight, mean), n_iter, loss)
+    return Fit(weight, theta[:, D] - torch.linalg.vecdot(weight, mean), n_iter, loss, converged)
 
 
 def _line_search_one(z, q, y, slope: float, curvature: float, wd: float, dd: float, l2: float, steps: int = 10):
@@ -322,7 +325,7 @@ def solve_lbfgs(
 
     grad, largest = gradients()
     pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (s, y, 1 / y.s), newest last
-    iteration = 0
+    iteration, stalled = 0, False
     while iteration < max_iter and largest > tol:
         direction = -grad  # the two-loop recursion: direction = -H grad
         alphas = []
@@ -354,6 +357,8 @@ def solve_lbfgs(
         grad = new_grad
         iteration += 1
         if float(step.abs().max()) <= 1e-9:
+            stalled = True
             break
     w = theta[:d]
-    return Fit(w, theta[d] - mean.dot(w), torch.tensor(iteration), objective(z, y, w, l2))
+    converged = torch.tensor(stalled or largest <= tol)
+    return Fit(w, theta[d] - mean.dot(w), torch.tensor(iteration), objective(z, y, w, l2), converged)

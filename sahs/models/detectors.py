@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sahs.eval.logistic import solve_lbfgs
+from sahs.models.solvers import MLPObjective, fista, lbfgs
 
 
 def _check_xy(X: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,16 +79,25 @@ class Detector(nn.Module):
         """Mean BCE on the logits plus ``penalty()``: what ``fit`` minimizes."""
         return F.binary_cross_entropy_with_logits(self(X), y) + self.penalty()
 
-    def fit(self, X: Any, y: Any, max_iter: int = 1000, tol: float = 1e-6) -> Self:
+    # The stopping tolerance ``fit`` uses when given none; see each ``_minimize`` for its rule.
+    fit_tol = 1e-6
+
+    def fit(self, X: Any, y: Any, max_iter: int = 1000, tol: float | None = None) -> Self:
         """Build for ``X.shape[1]`` features and minimize the full-batch objective.
+
+        Sets ``n_iter_`` (iterations taken), ``loss_`` (the objective reached) and ``converged_``
+        (False when ``max_iter`` ran out before the solver's stopping rule held, with a
+        ``RuntimeWarning``).
 
         Args:
             X: Features ``[n, features]``; float16 input is fitted in float32.
             y: Labels ``[n]``, 0 benign and 1 malicious.
-            max_iter: Most optimizer iterations.
-            tol: Stop once the largest gradient entry (or proximal step, for L1) is below this.
+            max_iter: Most solver iterations.
+            tol: Tolerance of the solver's stopping rule (see the detector's ``_minimize``); None:
+                the detector's ``fit_tol``.
         """
         X, y = _check_xy(X, y)
+        tol = self.fit_tol if tol is None else tol
         if max_iter < 1 or not tol >= 0:
             raise ValueError(f"max_iter must be >= 1 and tol >= 0, got {max_iter}, {tol}")
         self.build(X.shape[1])
@@ -96,12 +106,17 @@ class Detector(nn.Module):
         self.eval()  # dropout off: the line search needs a deterministic objective
         self._minimize(X, y, max_iter, tol)
         self.train(was_training)
-        if self.n_iter_ >= max_iter:
-            warnings.warn(f"{type(self).__name__}.fit stopped at max_iter={max_iter}", RuntimeWarning, stacklevel=2)
+        if not self.converged_:
+            warnings.warn(f"{type(self).__name__}.fit stopped at max_iter={max_iter} before its stopping rule held "
+                          f"(tol={tol:g}): raise max_iter or tol", RuntimeWarning, stacklevel=2)
         return self
 
     def _minimize(self, X: torch.Tensor, y: torch.Tensor, max_iter: int, tol: float) -> None:
-        """L-BFGS with a strong-Wolfe line search over all parameters."""
+        """L-BFGS (``torch.optim.LBFGS``, strong-Wolfe line search) over all parameters.
+
+        Stops when the largest gradient entry is at most ``tol`` or a step changes the loss or any
+        parameter by less than 1e-9 (both converged), or after ``max_iter`` iterations.
+        """
         params = list(self.parameters())
         optimizer = torch.optim.LBFGS(
             params, lr=1.0, max_iter=max_iter, tolerance_grad=tol, history_size=20, line_search_fn="strong_wolfe"
@@ -115,6 +130,7 @@ class Detector(nn.Module):
 
         optimizer.step(closure)
         self.n_iter_ = int(optimizer.state[params[0]].get("n_iter", 0))
+        self.converged_ = self.n_iter_ < max_iter
         with torch.no_grad():
             self.loss_ = float(self.objective(X, y))
 
@@ -191,12 +207,16 @@ class LogisticDetector(_LinearDetector):
         return 0.5 * self.l2 * self.linear.weight.pow(2).sum()
 
     def _minimize(self, X: torch.Tensor, y: torch.Tensor, max_iter: int, tol: float) -> None:
-        """L-BFGS with an exact line search along the logits, no autograd (``solve_lbfgs``)."""
+        """L-BFGS with an exact line search along the logits, no autograd (``solve_lbfgs``).
+
+        Stops when the largest gradient entry is at most ``tol`` (scikit-learn's lbfgs rule) or a
+        step moves no parameter by more than 1e-9 (both converged), or after ``max_iter`` steps.
+        """
         fit = solve_lbfgs(X, y, l2=self.l2, max_iter=max_iter, tol=tol)
         with torch.no_grad():
             self.linear.weight.copy_(fit.weight[None])
             self.linear.bias.copy_(fit.bias[None])
-        self.n_iter_, self.loss_ = int(fit.n_iter), float(fit.loss)
+        self.n_iter_, self.loss_, self.converged_ = int(fit.n_iter), float(fit.loss), bool(fit.converged)
 
 
 class SparseL1Detector(_LinearDetector):
@@ -257,54 +277,13 @@ class SparseL1Detector(_LinearDetector):
         return (blocks * (1 - threshold / norms).clamp_min(0)).reshape(-1)
 
     def _minimize(self, X: torch.Tensor, y: torch.Tensor, max_iter: int, tol: float) -> None:
-        X64, y64 = X.double(), y.double()  # the proximal method runs in float64: exact zeros, tight KKT
-        n, d = X64.shape
-        design = torch.cat([X64, X64.new_ones(n, 1)], dim=1)  # [n, d + 1]; last column is the bias
-
-        def smooth(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = design @ theta
-            residual = torch.sigmoid(logits) - y64
-            return F.binary_cross_entropy_with_logits(logits, y64), design.T @ residual / n
-
-        def prox(theta: torch.Tensor, step: float) -> torch.Tensor:
-            return torch.cat([self._prox(theta[:d], step), theta[d:]])  # the bias is not penalized
-
-        def total(theta: torch.Tensor, loss: torch.Tensor) -> float:
-            return float(loss + self._penalty_of(theta[:d]))
-
-        vector = torch.randn(d + 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        for _ in range(20):  # power iteration: Lipschitz constant of the mean logistic loss' gradient
-            vector = design.T @ (design @ vector)
-            vector /= vector.norm()
-        lipschitz = 0.25 * float((design @ vector).norm()) ** 2 / n
-
-        theta = previous = design.new_zeros(d + 1)
-        momentum, best = 1.0, math.inf
-        loss, grad = smooth(theta)
-        for iteration in range(1, max_iter + 1):
-            while True:  # backtracking: the quadratic model must bound the loss at the new point
-                candidate = prox(theta - grad / lipschitz, 1 / lipschitz)
-                step = candidate - theta
-                new_loss, _ = smooth(candidate)
-                if new_loss <= loss + grad @ step + 0.5 * lipschitz * step @ step + 1e-12:
-                    break
-                lipschitz *= 2
-            gradient_map = lipschitz * step.abs().max()
-            objective = total(candidate, new_loss)
-            if objective > best:  # adaptive restart (O'Donoghue & Candes): drop momentum when it overshoots
-                momentum = 1.0
-            best = min(best, objective)
-            next_momentum = (1 + math.sqrt(1 + 4 * momentum**2)) / 2
-            theta = candidate + (momentum - 1) / next_momentum * (candidate - previous)
-            previous, momentum = candidate, next_momentum
-            if gradient_map <= tol:
-                break
-            loss, grad = smooth(theta)
+        """FISTA in float64 (``solvers.fista``): exact zeros from the proximal map, a tight KKT residual."""
+        result = fista(X.double(), y.double(), self._prox, lambda weight: float(self._penalty_of(weight)),
+                       max_iter=max_iter, tol=tol)
         with torch.no_grad():
-            self.linear.weight.copy_(previous[:d])
-            self.linear.bias.copy_(previous[d:])
-        self.n_iter_ = iteration
-        self.loss_ = total(previous, smooth(previous)[0])
+            self.linear.weight.copy_(result.theta[None, :-1])
+            self.linear.bias.copy_(result.theta[-1:])
+        self.n_iter_, self.loss_, self.converged_ = result.n_iter, result.loss, result.converged
 
     def head_norms(self) -> torch.Tensor:
         """L2 norm of each head's weight block ``[heads]``."""
@@ -324,7 +303,13 @@ class SparseL1Detector(_LinearDetector):
 
 
 class MLPDetector(Detector):
-    """A small MLP (ReLU, dropout) on the concatenated heads."""
+    """A small MLP (ReLU, dropout) on the concatenated heads.
+
+    ``fit`` runs L-BFGS (``solvers.lbfgs``) with scikit-learn's ``MLPClassifier(solver="lbfgs")``
+    stopping rule and default: the largest gradient entry at most ``tol = 1e-4``.
+    """
+
+    fit_tol = 1e-4
 
     def __init__(self, hidden: list[int] = [64], dropout: float = 0.1, l2: float = 1e-3) -> None:  # noqa: B006
         """
@@ -358,3 +343,19 @@ class MLPDetector(Detector):
     def penalty(self) -> torch.Tensor:
         weights = [m.weight.pow(2).sum() for m in self.net if isinstance(m, nn.Linear)]
         return 0.5 * self.l2 * torch.stack(weights).sum()
+
+    def _minimize(self, X: torch.Tensor, y: torch.Tensor, max_iter: int, tol: float) -> None:
+        """L-BFGS on all weights and biases with hand-written backpropagation (``solvers.lbfgs``).
+
+        Stops when the largest gradient entry is at most ``tol``, or when a step lowers the objective
+        by no more than the arithmetic resolves (both converged), or after ``max_iter`` steps.
+        """
+        linears = [module for module in self.net if isinstance(module, nn.Linear)]
+        theta = torch.cat([p.detach().reshape(-1) for m in linears for p in (m.weight, m.bias)])
+        objective = MLPObjective(X, y, [tuple(m.weight.shape) for m in linears], self.l2)
+        result = lbfgs(objective.value, objective.gradient, theta, max_iter=max_iter, tol=tol)
+        with torch.no_grad():
+            for module, (weight, bias) in zip(linears, objective.unpack(result.theta)):
+                module.weight.copy_(weight)
+                module.bias.copy_(bias)
+        self.n_iter_, self.loss_, self.converged_ = result.n_iter, result.loss, result.converged
