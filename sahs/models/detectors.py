@@ -351,11 +351,21 @@ class MLPDetector(Detector):
         by no more than the arithmetic resolves (both converged), or after ``max_iter`` steps.
         """
         linears = [module for module in self.net if isinstance(module, nn.Linear)]
-        theta = torch.cat([p.detach().reshape(-1) for m in linears for p in (m.weight, m.bias)])
-        objective = MLPObjective(X, y, [tuple(m.weight.shape) for m in linears], self.l2)
+        first = linears[0].weight.detach()
+        basis = None
+        if X.shape[1] > X.shape[0]:
+            # More features than rows: the loss sees the first layer only through the row space of X
+            # and the penalty is zero on the rest at the optimum, so fit in that space (X = R^T Q^T,
+            # W Q for W): the same objective with a first layer of n, not d, inputs.
+            basis, triangle = torch.linalg.qr(X.T)  # [d, n], [n, n]
+            X, first = triangle.T, first @ basis
+        parameters = [first, linears[0].bias.detach(), *(p.detach() for m in linears[1:] for p in (m.weight, m.bias))]
+        theta = torch.cat([p.reshape(-1) for p in parameters])
+        shapes = [tuple(first.shape)] + [tuple(m.weight.shape) for m in linears[1:]]
+        objective = MLPObjective(X, y, shapes, self.l2)
         result = lbfgs(objective.value, objective.gradient, theta, max_iter=max_iter, tol=tol)
         with torch.no_grad():
-            for module, (weight, bias) in zip(linears, objective.unpack(result.theta)):
-                module.weight.copy_(weight)
+            for index, (module, (weight, bias)) in enumerate(zip(linears, objective.unpack(result.theta))):
+                module.weight.copy_(weight @ basis.T if index == 0 and basis is not None else weight)
                 module.bias.copy_(bias)
         self.n_iter_, self.loss_, self.converged_ = result.n_iter, result.loss, result.converged

@@ -128,3 +128,34 @@ def test_select_heads_on_rows_equals_slicing_a_copy(data) -> None:
     got = select_heads(features, heads, layers, rows)
     assert got.dtype == torch.float32 and torch.equal(got, expected.float())
     assert torch.equal(select_heads(features, heads, layers), select_heads(features, heads, layers, torch.arange(240)))
+
+
+def _request_copies(requests: int = 90, copies: int = 3, head_dim: int = 48, seed: int = 0):
+    """Rows that are near-copies of their request: head (0, 0) holds a random vector per request, labels are
+    random per request, head (0, 1) is noise. Only a probe that sees a request's copies in training can
+    score its held-out copy on head (0, 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    request_labels = torch.randint(0, 2, (requests,), generator=generator)
+    labels = request_labels.repeat_interleave(copies)
+    features = torch.randn(requests * copies, 1, 2, head_dim, generator=generator)
+    per_request = torch.randn(requests, head_dim, generator=generator).repeat_interleave(copies, 0)
+    features[:, 0, 0] = per_request + 0.05 * features[:, 0, 0]
+    groups = np.repeat([f"request-{i}" for i in range(requests)], copies)
+    return features, labels, groups
+
+
+@pytest.mark.parametrize("through_store", [False, True])
+def test_the_ranking_hold_out_keeps_each_request_on_one_side(through_store: bool, tmp_path) -> None:
+    features, labels, groups = _request_copies()
+    if through_store:
+        store = RankingStore(tmp_path, {"model": "copies"}, [f"p{i}" for i in range(len(labels))])
+        rank = lambda **kw: store.rank(features, labels, l2=1e-4, **kw)  # noqa: E731
+    else:
+        rank = lambda **kw: rank_heads(features, labels, l2=1e-4, **kw)  # noqa: E731
+    leaked = rank(groups=None).auroc[0, 0]  # copies on both sides: the probe recognizes memorized requests
+    assert leaked > 0.9
+    kept = rank(groups=groups)
+    # Whole requests held out: the per-request vector says nothing about an unseen request's label. About
+    # 27 held-out requests: chance AUROC has a standard deviation near 0.11.
+    assert abs(float(kept.auroc[0, 0]) - 0.5) < 0.3
+    assert kept.meta["n_holdout"] % 3 == 0
