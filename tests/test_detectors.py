@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from docstring_parser import parse
 from jsonargparse import ArgumentParser
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+from sklearn.neural_network import MLPClassifier
 
 from sahs.models.detectors import Detector, LogisticDetector, MLPDetector, SparseL1Detector
 
@@ -167,3 +169,96 @@ def test_every_argument_is_typed_and_documented(cls: type[Detector]) -> None:
     for argument in arguments:
         assert argument.annotation is not inspect.Parameter.empty and argument.default is not inspect.Parameter.empty
         assert documented.get(argument.name), f"{cls.__name__}.{argument.name} has no docstring"
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_fits_record_convergence_and_warn_when_max_iter_runs_out(name: str) -> None:
+    torch.manual_seed(0)
+    x, y = _planted(300, strength=2.0)
+    detector = DETECTORS[name]().fit(x, y)  # a well-posed problem and the default budget
+    assert detector.converged_ is True and 0 < detector.n_iter_ < 1000
+    with pytest.warns(RuntimeWarning, match="stopped at max_iter=2"):
+        short = DETECTORS[name]().fit(x, y, max_iter=2)
+    assert short.converged_ is False and short.n_iter_ == 2
+
+
+def _autograd_gradient(detector: Detector, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Largest entry of the gradient of ``detector.objective`` by autograd, over all parameters (no dropout)."""
+    detector.eval()
+    detector.zero_grad()
+    detector.objective(x, y).backward()
+    return torch.cat([p.grad.abs().flatten() for p in detector.parameters()]).max()
+
+
+def test_mlp_without_hidden_layers_is_logistic_regression_to_its_stopping_rule() -> None:
+    x, y = _planted(400, strength=1.0)
+    x = x.double()
+    l2 = 1e-2
+    detector = MLPDetector(hidden=[], l2=l2).fit(x, y)
+    gradient = float(_autograd_gradient(detector, x, y.double()))  # gtol 1e-4, or ftol stopped it first
+    assert detector.converged_ and gradient <= detector.fit_tol
+    # A gradient g puts the weights within about g / (smallest curvature) of the optimum, and the
+    # curvature is at least l2 (the bias': mean p (1 - p), about 0.2 here).
+    reference = LogisticRegression(C=1 / (l2 * 400), tol=1e-12, max_iter=10_000).fit(x, y)
+    weight = detector.net[0].weight.detach()[0].numpy()
+    np.testing.assert_allclose(weight, reference.coef_[0], atol=2 * gradient / l2)
+    assert float(detector.net[0].bias.detach()) == pytest.approx(reference.intercept_[0], abs=2 * gradient / l2)
+
+
+def _sklearn_mlp_from(detector: MLPDetector, x: torch.Tensor, y: torch.Tensor) -> MLPClassifier:
+    """scikit-learn's lbfgs MLP on the same objective (alpha / n = l2), started from ``detector``'s weights."""
+    linears = [m for m in detector.net if isinstance(m, torch.nn.Linear)]
+    reference = MLPClassifier(hidden_layer_sizes=detector.hidden, solver="lbfgs", alpha=detector.l2 * len(y),
+                              max_iter=1, warm_start=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one iteration only initializes it
+        reference.fit(x.numpy(), y.numpy())
+    reference.coefs_ = [m.weight.detach().double().numpy().T.copy() for m in linears]
+    reference.intercepts_ = [m.bias.detach().double().numpy().copy() for m in linears]
+    reference.set_params(max_iter=20_000)
+    return reference.fit(x.numpy(), y.numpy())
+
+
+@pytest.mark.parametrize(("n", "hidden"), [(300, [16]), (30, [8, 6])])  # the second: more features than rows
+def test_mlp_fit_reaches_sklearn_objective_from_the_same_start(n: int, hidden: list[int]) -> None:
+    x, y = _planted(n, strength=1.0)
+    x = x.double()  # float64, as scikit-learn: the same stopping rule (gtol, then ftol = 2.2e-9) applies
+    torch.manual_seed(0)
+    start = MLPDetector(hidden=hidden, l2=1e-2)
+    start.build(x.shape[1])
+    torch.manual_seed(0)  # fit builds the same layers again: the same starting weights
+    detector = MLPDetector(hidden=hidden, l2=1e-2).fit(x, y, max_iter=5000)
+    reference = _sklearn_mlp_from(start, x, y)
+    with torch.no_grad():
+        assert detector.loss_ == pytest.approx(float(detector.eval().objective(x, y.double())), rel=1e-9)
+    assert detector.converged_ and detector.n_iter_ <= reference.n_iter_
+    # Both stop where a step gains less than ftol = 2.2e-9 relative. From the same start the two
+    # line searches part ways at the ReLU kinks, so the minima found differ by up to about 1% of the loss.
+    assert detector.loss_ <= 1.02 * reference.loss_
+
+
+@pytest.mark.filterwarnings("ignore:lbfgs failed to converge")
+def test_mlp_fit_matches_sklearn_mlp_on_held_out_rows() -> None:
+    torch.manual_seed(0)
+    x, y = _planted(1200, heads=4, strength=1.5)
+    x[:, 0] = x[:, 0].abs() * (2 * y - 1) * 0.5 + x[:, 0]  # a nonlinear part on another head
+    train, test = slice(0, 600), slice(600, None)
+    l2 = 1e-2
+    detector = MLPDetector(hidden=[32], l2=l2).fit(x[train], y[train])
+    reference = MLPClassifier(hidden_layer_sizes=(32,), solver="lbfgs", alpha=l2 * 600, max_iter=500, random_state=0)
+    reference.fit(x[train].numpy(), y[train].numpy())
+    ours = roc_auc_score(y[test], detector.decision_function(x[test]))
+    assert ours == pytest.approx(roc_auc_score(y[test], reference.predict_proba(x[test].numpy())[:, 1]), abs=0.02)
+    assert detector.loss_ <= 1.1 * reference.loss_  # the same objective (alpha / n = l2), minimized as far
+
+
+def test_l1_fit_matches_sklearn_saga() -> None:
+    x, y = _planted(400, heads=3, strength=1.5)
+    x = x.double()
+    l1 = 0.02
+    detector = SparseL1Detector(l1=l1).fit(x, y, tol=1e-8)
+    reference = LogisticRegression(l1_ratio=1, C=1 / (l1 * 400), solver="saga", tol=1e-10, max_iter=100_000)
+    reference.fit(x.numpy(), y.numpy())
+    np.testing.assert_allclose(detector.coef_.numpy(), reference.coef_[0], atol=1e-5)
+    assert detector.intercept_ == pytest.approx(reference.intercept_[0], abs=1e-5)
+    assert set(np.flatnonzero(detector.coef_.numpy())) == set(np.flatnonzero(np.abs(reference.coef_[0]) > 1e-6))

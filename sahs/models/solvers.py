@@ -26,9 +26,13 @@ class Result:
     converged: bool
 
 
-def _precision(dtype: torch.dtype) -> float:
-    """Smallest relative change of the objective the arithmetic can still resolve: a few units of roundoff."""
-    return 4 * torch.finfo(dtype).eps
+# scipy's L-BFGS-B default (``factr = 1e7`` times float64's epsilon), as scikit-learn's lbfgs fits use.
+FTOL = 1e7 * torch.finfo(torch.float64).eps
+
+
+def _ftol(dtype: torch.dtype) -> float:
+    """Relative objective decrease that ends L-BFGS: scipy's default, or a few units of roundoff where coarser."""
+    return max(FTOL, 4 * torch.finfo(dtype).eps)
 
 
 def lbfgs(
@@ -43,16 +47,17 @@ def lbfgs(
     """Minimize a smooth function by L-BFGS with a backtracking (Armijo) line search.
 
     ``value(theta)`` returns the objective and keeps what ``gradient()`` then needs for the gradient
-    at that same point, so that rejected trial points cost a forward pass only. Stops when the
-    largest gradient entry is at most ``tol`` (scikit-learn's lbfgs ``gtol``), or earlier when an
-    accepted step lowers the objective by no more than the arithmetic resolves (a few units of
-    roundoff, relative to ``max(|f|, 1)``; scipy's ``ftol`` rule at the working precision), which
-    also counts as converged. Reaching ``max_iter`` steps does not.
+    at that same point, so that rejected trial points cost a forward pass only. The rules of
+    scikit-learn's lbfgs fits (scipy's L-BFGS-B): converged when the largest gradient entry is at
+    most ``tol`` (``gtol``), or when a step lowers the objective by at most ``ftol * max(|f|, 1)``
+    with scipy's default ``ftol`` = 2.2e-9, raised to four units of roundoff in float32 (4.8e-7),
+    or when no step the arithmetic resolves lowers it. Reaching ``max_iter`` steps is not converged.
     """
     loss = value(theta)
     grad = gradient()
     pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (s, y, 1 / y.s), newest last
-    precision = _precision(theta.dtype)
+    ftol = _ftol(theta.dtype)
+    precision = 4 * torch.finfo(theta.dtype).eps
     iteration, converged = 0, False
     while True:
         if float(grad.abs().max()) <= tol:
@@ -102,7 +107,7 @@ def lbfgs(
             pairs = [*pairs[len(pairs) - history + 1 :], (s, change, 1 / curve)]
         decrease = loss - new_loss
         loss, grad = new_loss, new_grad
-        if decrease <= precision * max(abs(loss), 1.0):
+        if decrease <= ftol * max(abs(loss), 1.0):
             converged = True
             break
     return Result(theta, loss, iteration, converged)
