@@ -10,6 +10,11 @@ printed. Sections:
    32 layers x 32 heads x 128, float16, twelve heads carrying the label at graded strengths.
    Agreement: Spearman correlation of the 1,024 AUROCs and the same top 8.
 3. ``LogisticDetector.fit`` against scikit-learn's lbfgs on 1,000 x 1,280, same objective and tolerance.
+   The other detectors' fits side by side with scikit-learn on the same standardized features:
+   ``MLPDetector`` against ``MLPClassifier(solver="lbfgs")`` (same width, ``alpha = l2 * n``, same
+   seed for both), ``SparseL1Detector`` against ``LogisticRegression(l1_ratio=1, solver="saga")``,
+   the group lasso against the logistic fit; with ``--cache DIR`` also whole LOAO runs per detector
+   on that activation cache (rankings reused), as ratios to the logistic run.
 4. Sweep runs: leave-one-attack-out (five families) on the 7B-shaped cache; a cold run ranks every
    fold (what each run cost before rankings were kept), then runs that vary only top_k or the
    detector's regularization reuse the stored rankings: runs per minute.
@@ -18,6 +23,7 @@ printed. Sections:
    resident memory (``VmHWM``) against the size of the features.
 
     OMP_NUM_THREADS=1 python bench/bench_training.py [--repeats 3] [--small] [--skip-memory]
+        [--cache outputs/cache/minilm] [--only fits]
 
 With ``THP_MEM_ALLOC_ENABLE=1`` in the environment torch backs large tensors with huge pages, which
 speeds up the scattered row gathers of the sweep runs (the machine section says which was measured).
@@ -43,6 +49,7 @@ import torch
 from scipy.stats import spearmanr
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, as a script
@@ -52,7 +59,7 @@ from sahs.eval.probes import rank_heads  # noqa: E402
 from sahs.experiments import LoaoSettings  # noqa: E402
 from sahs.experiments.loao import leave_one_attack_out  # noqa: E402
 from sahs.data.rankings import RankingStore  # noqa: E402
-from sahs.models.detectors import LogisticDetector  # noqa: E402
+from sahs.models.detectors import LogisticDetector, MLPDetector, SparseL1Detector  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM = 32, 32, 128
 FAMILIES = ("figstep", "hades", "mmsafety", "qr", "text")
@@ -162,6 +169,152 @@ def bench_fit(repeats: int, n: int = 1000, features: int = 1280, l2: float = 1e-
     return {"fit_ratio": statistics.median(ratios)}
 
 
+def _fold_features(cache_dir: str | None, top_k: int, n: int = 1200) -> tuple[torch.Tensor, torch.Tensor, slice | tuple]:
+    """Standardized features ``[rows, top_k * head_dim]``, labels and (fit rows, test rows).
+
+    From ``cache_dir``: the first LOAO fold's training rows, its own ranking's ``top_k`` heads and its
+    test rows. Otherwise synthetic heads of 32 dimensions: shared low-rank structure, one planted
+    direction spread over eight heads and a nonlinear part, the first half fitting.
+    """
+    if cache_dir is not None:
+        from sahs.data.cache import ActivationCache
+        from sahs.experiments.loao import loao_folds
+
+        cache = ActivationCache(cache_dir)
+        layout = cache.layout
+        features = cache.read(dtype=None).view(len(cache), len(cache.layers), layout["num_heads"], layout["head_dim"])
+        labels, attacks, groups = cache.labels, cache.column("attack"), cache.column("group")
+        fold = loao_folds(labels, attacks, groups, seed=0)[0]
+        ranking = RankingStore.for_cache(cache).rank(features, labels, rows=fold.train_rows, layers=list(cache.layers),
+                                                     attacks=attacks, groups=groups)
+        x = torch.cat([features[:, layer, head].float() for layer, head in ranking.top(top_k)], dim=1)
+        fit_rows, test_rows = fold.train_rows, fold.test_rows
+    else:
+        generator = torch.Generator().manual_seed(0)
+        labels = torch.randint(0, 2, (n,), generator=generator)
+        d = 32 * top_k
+        x = torch.randn(n, 16, generator=generator) @ torch.randn(16, d, generator=generator) / 4
+        x += torch.randn(n, d, generator=generator)
+        direction = torch.zeros(d)
+        direction[: min(d, 256)] = torch.randn(min(d, 256), generator=generator)
+        x += 1.5 * labels[:, None] * direction / direction.norm()
+        x[:, 0] += 0.5 * x[:, 1].abs() * (2 * labels - 1)
+        fit_rows, test_rows = torch.arange(n // 2), torch.arange(n // 2, n)
+    mean, std = x[fit_rows].mean(0), x[fit_rows].std(0, unbiased=False).clamp_min(1e-6)
+    return (x - mean) / std, labels, (fit_rows, test_rows)
+
+
+def _auroc(y: torch.Tensor, scores) -> float:
+    return roc_auc_score(y.numpy(), np.asarray(scores))
+
+
+def bench_detector_fits(repeats: int, cache_dir: str | None) -> dict[str, float]:
+    """MLP, L1 and group-lasso fits side by side with scikit-learn on the same standardized features."""
+    import warnings
+
+    where = cache_dir or "synthetic heads"
+    figures = {}
+    x, y, (fit, test) = _fold_features(cache_dir, top_k=8)
+    n = len(fit)
+    x_fit, y_fit, x_np, y_np = x[fit], y[fit], x[fit].numpy(), y[fit].numpy()
+    l2 = 1e-3
+    ratios, ours_auroc, ref_auroc, lines = [], [], [], []
+    for seed in range(max(repeats, 3)):
+        torch.manual_seed(seed)
+        cpu, _, detector = _timed(lambda: MLPDetector(hidden=[64], l2=l2).fit(x_fit, y_fit))
+        reference = MLPClassifier(hidden_layer_sizes=(64,), solver="lbfgs", alpha=l2 * n, max_iter=1000,
+                                  random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its ConvergenceWarning at max_iter: the iterations are printed
+            ref_cpu, _, reference = _timed(lambda: reference.fit(x_np, y_np))
+        ratios.append(cpu / ref_cpu)
+        ours_auroc.append(_auroc(y[test], detector.decision_function(x[test])))
+        ref_auroc.append(_auroc(y[test], reference.predict_proba(x[test].numpy())[:, 1]))
+        lines.append(f"    seed {seed}: ours {cpu:.3f} s ({detector.n_iter_} iterations, converged {detector.converged_}, "
+                     f"objective {detector.loss_:.5f}, AUROC {ours_auroc[-1]:.4f}) | sklearn {ref_cpu:.3f} s "
+                     f"({reference.n_iter_} iterations, objective {reference.loss_:.5f}, AUROC {ref_auroc[-1]:.4f})")
+    gap = abs(statistics.mean(ours_auroc) - statistics.mean(ref_auroc))
+    print(f"MLPDetector(hidden=[64], l2={l2}).fit vs MLPClassifier(solver='lbfgs', alpha=l2*n), {n} x {x.shape[1]} "
+          f"({where}, top 8 heads):")
+    print("\n".join(lines))
+    print(f"  time ratio ours/sklearn median {statistics.median(ratios):.2f} (target <= 1.0); "
+          f"mean test AUROC {statistics.mean(ours_auroc):.4f} vs {statistics.mean(ref_auroc):.4f}, "
+          f"|gap| {gap:.4f} (target <= 0.005)")
+    figures.update(mlp_ratio=statistics.median(ratios), mlp_auroc_gap=gap)
+
+    x, y, (fit, test) = _fold_features(cache_dir, top_k=72 if cache_dir else 32)
+    n, x_fit, y_fit = len(fit), x[fit], y[fit]
+    l1 = 0.01
+    fits = {
+        "logistic l2=1e-3": lambda: LogisticDetector(l2=1e-3).fit(x_fit, y_fit),
+        "L1 l1=0.01": lambda: SparseL1Detector(l1=l1).fit(x_fit, y_fit),
+        "group lasso l1=0.01": lambda: SparseL1Detector(l1=l1, group_lasso=True, head_dim=32).fit(x_fit, y_fit),
+        "MLP [64]": lambda: MLPDetector(hidden=[64], l2=1e-3).fit(x_fit, y_fit),
+        "MLP [128, 128]": lambda: MLPDetector(hidden=[128, 128], l2=1e-3).fit(x_fit, y_fit),
+    }
+    times = {}
+    print(f"full-batch fits on {n} x {x.shape[1]} ({where}), median of {max(repeats, 3)}:")
+    for name, work in fits.items():
+        runs = []
+        for seed in range(max(repeats, 3)):
+            torch.manual_seed(seed)
+            runs.append(_timed(work))
+        times[name] = statistics.median(cpu for cpu, _, _ in runs)
+        detector = runs[-1][2]
+        print(f"  {name:20s} {times[name]:.3f} s ({detector.n_iter_} iterations, converged {detector.converged_}, "
+              f"objective {detector.loss_:.6f}, test AUROC {_auroc(y[test], detector.decision_function(x[test])):.4f}) "
+              f"= {times[name] / times['logistic l2=1e-3']:.1f}x the logistic fit")
+    reference = LogisticRegression(l1_ratio=1, C=1 / (l1 * n), solver="saga", max_iter=1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_cpu, _, reference = _timed(lambda: reference.fit(x_fit.numpy(), y_fit.numpy()))
+    ours = SparseL1Detector(l1=l1).fit(x_fit, y_fit)
+    w, b = torch.as_tensor(reference.coef_[0], dtype=torch.float64), float(reference.intercept_[0])
+    logits = x_fit.double() @ w + b
+    ref_objective = float(torch.nn.functional.binary_cross_entropy_with_logits(logits, y_fit.double())) + l1 * float(w.abs().sum())
+    print(f"  sklearn saga L1 (tol 1e-4) {ref_cpu:.3f} s ({reference.n_iter_[0]} epochs, objective {ref_objective:.6f}, "
+          f"test AUROC {_auroc(y[test], reference.decision_function(x[test].numpy())):.4f}): "
+          f"L1 fit / saga time ratio {times['L1 l1=0.01'] / ref_cpu:.2f}; objective ours - saga {ours.loss_ - ref_objective:.1e}")
+    figures.update(l1_over_saga=times["L1 l1=0.01"] / ref_cpu,
+                   group_lasso_over_logistic=times["group lasso l1=0.01"] / times["logistic l2=1e-3"])
+    return figures
+
+
+def bench_loao_runs(cache_dir: str, top_ks: tuple[int, ...] = (1, 8, 72)) -> dict[str, float]:
+    """Whole LOAO runs per detector on a cache (rankings reused), as ratios to the logistic run at the same top_k."""
+    import warnings
+
+    from sahs.data.cache import ActivationCache
+
+    cache = ActivationCache(cache_dir)
+    layout = cache.layout
+    features = cache.read(dtype=None).view(len(cache), len(cache.layers), layout["num_heads"], layout["head_dim"])
+    columns = (features, cache.labels, cache.column("attack"))
+    where = dict(groups=cache.column("group"), layers=list(cache.layers), rankings=RankingStore.for_cache(cache))
+    leave_one_attack_out(*columns, LoaoSettings(top_k=1), **where)  # rank every fold once
+    detectors = {"logistic": lambda: LogisticDetector(l2=1e-3), "sparse_l1": lambda: SparseL1Detector(l1=0.01),
+                 "group_lasso": lambda: SparseL1Detector(l1=0.01, group_lasso=True, head_dim=layout["head_dim"]),
+                 "mlp": lambda: MLPDetector(hidden=[64]), "mlp_deep": lambda: MLPDetector(hidden=[128, 128])}
+    figures, total = {}, 0.0
+    print(f"LOAO runs on {cache_dir} ({len(cache)} prompts), rankings reused, cpu seconds (ratio to logistic):")
+    for k in top_ks:
+        seconds, not_converged = {}, {}
+        for name, make in detectors.items():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                seconds[name], _, _ = _timed(lambda: leave_one_attack_out(
+                    *columns, LoaoSettings(top_k=k, detector=make()), **where))
+            not_converged[name] = sum("max_iter" in str(w.message) for w in caught)
+        total += sum(seconds.values())
+        print(f"  top_k {k:3d}: " + ", ".join(f"{name} {t:.2f} s ({t / seconds['logistic']:.1f}x"
+                                               f"{', %d folds hit max_iter' % not_converged[name] if not_converged[name] else ''})"
+                                               for name, t in seconds.items()))
+        figures[f"loao_mlp_over_logistic[top_k {k}]"] = seconds["mlp"] / seconds["logistic"]
+        figures[f"loao_group_lasso_over_logistic[top_k {k}]"] = seconds["group_lasso"] / seconds["logistic"]
+    print(f"  all {len(top_ks) * len(detectors)} runs: {total:.1f} s cpu")
+    return figures
+
+
 def bench_sweep(n: int, repeats: int) -> dict[str, float]:
     features, labels, attacks = seven_b_cache(n, seed=1)
     store = RankingStore(None, {"bench": "seven_b", "n": n}, [str(i) for i in range(n)])
@@ -239,13 +392,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each comparison")
     parser.add_argument("--small", action="store_true", help="shrink the big cases for a quick look")
     parser.add_argument("--skip-memory", action="store_true", help="skip the 10,000-prompt memory case")
+    parser.add_argument("--cache", help="an activation cache: its folds' features for the detector fits, and LOAO runs")
+    parser.add_argument("--only", choices=["fits"], help="run only the detector-fit section")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    figures = {"matmul_gflops": bench_machine()}
-    figures.update(bench_ranking(1000 if args.small else 2000, args.repeats, figures["matmul_gflops"]))
-    figures.update(bench_fit(args.repeats))
-    figures.update(bench_sweep(1000 if args.small else 2000, 1 if args.small else args.repeats))
-    if not args.skip_memory:
+    figures = {}
+    if args.only is None:
+        figures["matmul_gflops"] = bench_machine()
+        figures.update(bench_ranking(1000 if args.small else 2000, args.repeats, figures["matmul_gflops"]))
+        figures.update(bench_fit(args.repeats))
+    figures.update(bench_detector_fits(args.repeats, args.cache))
+    if args.cache is not None:
+        figures.update(bench_loao_runs(args.cache))
+    if args.only is None:
+        figures.update(bench_sweep(1000 if args.small else 2000, 1 if args.small else args.repeats))
+    if args.only is None and not args.skip_memory:
         figures.update(bench_memory(2000 if args.small else 10_000))
     print(json.dumps({name: round(value, 3) for name, value in figures.items()}))
 
