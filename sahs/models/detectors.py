@@ -8,7 +8,8 @@ config: stored as given and validated in ``build``.
 For small problems the detectors also follow the scikit-learn contract: ``fit(X, y)`` minimizes the
 full-batch objective (mean BCE + ``penalty()``, the loss minibatch training uses) and returns the
 detector; ``decision_function`` gives logits and ``predict_proba`` probabilities. What ``fit``
-learns beyond the layers' weights (``n_iter_``, ``loss_``) ends in ``_``.
+learns beyond the layers' weights (``n_iter_``, ``loss_``, ``converged_``) ends in ``_``. Each
+solver has one stopping rule, stated in its ``_minimize``; the solvers are in ``sahs.models.solvers``.
 """
 
 from __future__ import annotations
@@ -224,6 +225,7 @@ class SparseL1Detector(_LinearDetector):
 
     ``fit`` runs FISTA (accelerated proximal gradient with backtracking and restarts), whose
     soft-thresholding step sets weights exactly to zero, so ``active_heads()`` counts exact zeros.
+    It stops when the largest entry of the gradient mapping is at most ``tol`` (1e-6).
     Minibatch training (``DetectorModule``) is proximal SGD: a plain SGD step on the BCE, then
     ``proximal_step`` at that step's learning rate, which gives exact zeros too.
     """
