@@ -137,6 +137,7 @@ def test_writer_holds_at_most_one_shard_and_reads_pick_any_heads(tmp_path):
     """Rows reach disk as soon as a shard is full; reads of any heads, in any order, match the rows written."""
     layout = {"num_layers": 3, "num_heads": 4, "head_dim": 2, "layers": [0, 1, 2], "family": "synthetic"}
     rows = torch.randn(11, 3, 4, 2)  # [rows, layers, heads, head_dim]
+    cache_io.prepare_folder(tmp_path, {"model": "synthetic"}, rebuild=False)
     order = [7, 2, 9, 0, 4, 10, 1, 5, 8, 3, 6]  # written shuffled, as a length-sorted extraction does
     writer = cache_io.ShardWriter(tmp_path, layout, shard_size=3, dtype=torch.float32)
     for written in range(0, 11, 2):
@@ -166,3 +167,17 @@ def test_read_keeps_the_stored_dtype_when_asked(tmp_path, stored):
     expected = features.to(stored).float().flip(0)[:, [1, 0], [2, 0]]  # manifest order is reversed
     torch.testing.assert_close(as_stored.float(), expected, rtol=0, atol=0)
     torch.testing.assert_close(as_float, expected, rtol=0, atol=0)
+
+
+def test_a_rebuild_deletes_only_the_files_a_cache_owns(tmp_path, prompts):
+    ensure_cache(tmp_path, ModelConfig(), prompts, SETTINGS, progress=False)
+    theirs = {"shards/notes.txt": b"mine", "shards/r000-final.safetensors": b"not a shard name",
+              "shards/results.json": b"{}"}
+    for name, data in theirs.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(CacheMismatchError, match="model.seed"):
+        ensure_cache(tmp_path, ModelConfig(seed=1), prompts, SETTINGS, progress=False)
+    assert ensure_cache(tmp_path, ModelConfig(seed=1), prompts, SETTINGS, on_mismatch="rebuild",
+                        progress=False) == "built"
+    assert {name: (tmp_path / name).read_bytes() for name in theirs} == theirs
+    assert ActivationCache(tmp_path).fingerprint["model"]["seed"] == 1

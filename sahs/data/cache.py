@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from sahs.data.faults import kill_point
 from sahs.data.shards import (  # noqa: F401  (re-exported: the cache's writing side)
     SHARD_DIR,
+    SHARD_NAME,
     TENSOR,
     ShardWriter,
     drop_duplicate_shards,
@@ -42,9 +43,11 @@ from sahs.data.shards import (  # noqa: F401  (re-exported: the cache's writing 
 )
 from sahs.errors import UserError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: fingerprint.json pins the manifest's rows, and the manifest always records fingerprint.json
 OWN_ENTRIES = {"fingerprint.json", "manifest.json", SHARD_DIR, "rankings"}  # rankings: head rankings kept for reuse
 META_COLUMNS = ("id", "label", "attack", "source", "category", "split", "group")
+PINNED_COLUMNS = ("id", "label", "attack", "group")  # what fingerprint.json's rows digest covers
+ROWS_KEY = "rows"  # fingerprint.json's digest of the manifest's rows: written with the manifest, not part of identity
 
 
 class CacheMissingError(UserError, FileNotFoundError):
@@ -83,6 +86,8 @@ def fingerprint_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def read_fingerprint(root: Path) -> dict[str, Any] | None:
+    """``fingerprint.json`` as stored (with its ``rows`` digest), or None if there is none; not yet checked
+    against the manifest (``load_manifest`` does that)."""
     path = Path(root) / "fingerprint.json"
     if not path.exists():
         return None
@@ -100,20 +105,74 @@ def fingerprint_bytes(fingerprint: dict[str, Any]) -> bytes:
     return json.dumps(fingerprint, indent=2, sort_keys=True).encode()
 
 
-def _vouched_by_manifest(root: Path, fingerprint: dict[str, Any]) -> bool:
-    """The manifest was written with exactly this fingerprint, whatever fingerprint.json now holds."""
+def rows_digest(rows: Iterable[dict[str, Any]]) -> str:
+    """sha256 of the manifest's ``PINNED_COLUMNS``, row by row in manifest order (a row's group defaults to its id)."""
+    table = [[row.get("id"), row.get("label"), row.get("attack"), row.get("group") or row.get("id")] for row in rows]
+    return hashlib.sha256(json.dumps(table).encode()).hexdigest()
+
+
+def cache_identity(fingerprint: dict[str, Any] | None) -> dict[str, Any]:
+    """What made the activations (model, prompt set, extraction settings): the fingerprint without its rows digest."""
+    return {key: value for key, value in (fingerprint or {}).items() if key != ROWS_KEY}
+
+
+def with_rows(fingerprint: dict[str, Any], digest: Any) -> dict[str, Any]:
+    """The stored form of ``fingerprint``: its identity plus the digest of the rows that the manifest lists."""
+    return {**cache_identity(fingerprint), ROWS_KEY: {"sha256": digest, "columns": list(PINNED_COLUMNS)}}
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _intact_manifest(root: Path) -> dict[str, Any] | None:
+    """The manifest if it parses and matches its own checksum, else None (no checks of its content)."""
     try:
-        recorded = json.loads((root / "manifest.json").read_text())["fingerprint_sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return recorded == hashlib.sha256(fingerprint_bytes(fingerprint)).hexdigest()
+        manifest = json.loads((Path(root) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    body = {key: value for key, value in manifest.items() if key != "checksum"}
+    return manifest if manifest.get("checksum") == _digest(body) else None
+
+
+def vouched_fingerprint(root: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored fingerprint with the identity of ``fingerprint`` whose sha256 the manifest records, or None.
+
+    This is what ``fingerprint.json`` must hold for the manifest's rows to be this config's; it is how a
+    missing or replaced ``fingerprint.json`` is restored, and only then.
+    """
+    manifest = _intact_manifest(root)
+    if manifest is None or not isinstance(manifest.get("fingerprint_sha256"), str):
+        return None
+    digests = []
+    try:
+        stored = read_fingerprint(root)
+    except CacheDamagedError:
+        stored = None
+    if stored is not None and isinstance(stored.get(ROWS_KEY), dict):
+        digests.append(stored[ROWS_KEY].get("sha256"))
+    if isinstance(manifest.get("rows"), list) and all(isinstance(row, dict) for row in manifest["rows"]):
+        digests.append(rows_digest(manifest["rows"]))
+    for digest in digests:
+        candidate = with_rows(fingerprint, digest)
+        if _sha256(fingerprint_bytes(candidate)) == manifest["fingerprint_sha256"]:
+            return candidate
+    return None
+
+
+def _holds_activations(root: Path) -> bool:
+    return (root / "manifest.json").exists() or any((root / SHARD_DIR).glob("r*.safetensors"))
 
 
 def check_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool) -> list[str]:
     """Refuse ``root`` unless it is empty, cache-only, or a cache that may be reused or rebuilt.
 
     Reads only: every process can call it before any of them changes the folder. Returns the
-    fingerprint keys that differ from the cache already there (empty if none or the same).
+    fingerprint keys that differ from the cache already there (empty if none or the same). Activations
+    whose fingerprint.json is missing or replaced count as another fingerprint's, unless the manifest
+    records exactly this one.
     """
     root = Path(root)
     if not root.exists():
@@ -122,15 +181,25 @@ def check_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool) -> list
     if foreign:
         raise CacheMismatchError(f"{root} holds files that are not an activation cache ({foreign[:5]}): "
                                  "choose an empty or cache-only folder for `cache_dir`")
-    if _vouched_by_manifest(root, fingerprint):  # a damaged fingerprint.json that the manifest can restore
+    if vouched_fingerprint(root, fingerprint) is not None:  # fingerprint.json is, or can be restored to, this one
         return []
     try:
         old = read_fingerprint(root)
     except CacheDamagedError:
         changed = ["fingerprint.json (unreadable)"]
     else:
-        changed = fingerprint_diff(old, fingerprint) if old is not None and old != fingerprint else []
+        if old is None:
+            changed = ["fingerprint.json (missing)"] if _holds_activations(root) else []
+        else:
+            changed = fingerprint_diff(cache_identity(old), cache_identity(fingerprint))
+            if not changed and _intact_manifest(root) is not None:
+                changed = ["fingerprint.json (not the one the manifest was written with)"]
     if changed and not rebuild:
+        if changed[0].startswith("fingerprint.json"):
+            raise CacheMismatchError(
+                f"the activation cache at {root} has {changed[0]} and its manifest does not record this "
+                "config's fingerprint, so its activations may be another model's or prompt set's: point "
+                "`cache_dir` at another folder, or set `on_mismatch: rebuild` to re-extract it")
         raise CacheMismatchError(
             f"the activation cache at {root} was made with other settings (changed: {', '.join(changed)}). "
             "Point `cache_dir` at another folder, or set `on_mismatch: rebuild` to re-extract it.")
@@ -140,27 +209,39 @@ def check_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool) -> list
 def prepare_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool) -> None:
     """Make ``root`` a cache for ``fingerprint``: keep finished shards of the same one, else refuse or clear.
 
-    Only files that a cache owns are ever removed; a folder holding anything else is refused.
+    Only files that a cache owns are ever removed; a folder holding anything else is refused. A missing
+    or replaced fingerprint.json is restored only to what the manifest records.
     """
     root = Path(root)
     changed = check_folder(root, fingerprint, rebuild)
     root.mkdir(parents=True, exist_ok=True)
     if changed:
         print(f"[sahs] rebuilding the activation cache at {root}: changed {', '.join(changed)}")
-        for name in OWN_ENTRIES:
-            target = root / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        remove_owned(root)
     path = root / "fingerprint.json"
-    if not path.exists() or path.read_bytes() != fingerprint_bytes(fingerprint):  # absent, or restored
-        write_file(path, fingerprint_bytes(fingerprint))
+    restored = None if changed else vouched_fingerprint(root, fingerprint)
+    if restored is not None:
+        if not path.exists() or path.read_bytes() != fingerprint_bytes(restored):
+            write_file(path, fingerprint_bytes(restored))
+        return
+    try:
+        current = read_fingerprint(root)
+    except CacheDamagedError:
+        current = None
+    if current is None or cache_identity(current) != cache_identity(fingerprint):
+        write_file(path, fingerprint_bytes(cache_identity(fingerprint)))
 
 
 def write_manifest(root: Path, records: Iterable[dict[str, Any]]) -> None:
     """Tie all ranks' shards together; fails if a prompt has no row. Call it while holding the lock.
 
     A prompt in two shards (two extractions into one folder, before locks) is taken from the first.
+    fingerprint.json gains the digest of the rows, and the manifest records the sha256 of fingerprint.json.
     """
     root = Path(root)
+    stored = read_fingerprint(root)
+    if stored is None:
+        raise RuntimeError(f"{root} has no fingerprint.json: prepare_folder writes it before any shard")
     shards = drop_duplicate_shards(root, finished_shards(root, verify=False))
     if not shards:
         raise RuntimeError(f"{root}/shards holds no finished shard: nothing was extracted")
@@ -183,18 +264,36 @@ def write_manifest(root: Path, records: Iterable[dict[str, Any]]) -> None:
     used = {row["shard"] for row in rows}
     table = {stem: {key: sidecar[key] for key in ("ids", "bytes", "sha256", "header_sha256")}
              for stem, sidecar in shards.items() if stem in used}
-    fingerprint = root / "fingerprint.json"
+    fingerprint = fingerprint_bytes(with_rows(stored, rows_digest(rows)))
+    if (root / "fingerprint.json").read_bytes() != fingerprint:
+        write_file(root / "fingerprint.json", fingerprint)
     manifest = {"format_version": FORMAT_VERSION, "complete": True, "layout": json.loads(layouts.pop()),
-                "fingerprint_sha256": hashlib.sha256(fingerprint.read_bytes()).hexdigest()
-                if fingerprint.exists() else None,
-                "shards": table, "rows": rows}
+                "fingerprint_sha256": _sha256(fingerprint), "shards": table, "rows": rows}
     manifest["checksum"] = _digest(manifest)
     kill_point("before_manifest")
     write_file(root / "manifest.json", json.dumps(manifest).encode(), point="manifest_write")
 
 
+def _manifest_shape_problem(manifest: dict[str, Any]) -> str | None:
+    """The first field of a manifest that is not what sahs writes (a hand edit), or None."""
+    layout, shards, rows = manifest.get("layout"), manifest.get("shards"), manifest.get("rows")
+    if not isinstance(layout, dict) or not all(key in layout for key in ("layers", "num_heads", "head_dim")):
+        return "manifest.json field layout lacks layers, num_heads or head_dim"
+    if not isinstance(shards, dict) or not all(
+            isinstance(entry, dict) and {"ids", "bytes", "sha256", "header_sha256"} <= set(entry)
+            for entry in shards.values()):
+        return "manifest.json field shards is not a table of ids, bytes, sha256 and header_sha256"
+    if not isinstance(rows, list):
+        return "manifest.json field rows is not a list"
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict) or not {"id", "label", "attack", "shard", "row"} <= set(row):
+            return f"manifest.json rows[{index}] lacks one of id, label, attack, shard, row"
+    return None
+
+
 def load_manifest(root: Path) -> dict[str, Any]:
-    """The manifest of a finished cache, after checking its own checksum and the fingerprint's."""
+    """The manifest of a finished cache, after checking its checksum, its fields, that fingerprint.json is
+    the one it was written with, and that its rows are the ones fingerprint.json pins."""
     root = Path(root)
     path = root / "manifest.json"
     if not path.exists():
@@ -212,9 +311,18 @@ def load_manifest(root: Path) -> dict[str, Any]:
     body = {key: value for key, value in manifest.items() if key != "checksum"}
     if manifest.get("checksum") != _digest(body):
         raise CacheDamagedError(root, ["manifest.json does not match its checksum (corrupt)"])
+    if problem := _manifest_shape_problem(manifest):
+        raise CacheDamagedError(root, [problem])
     fingerprint = root / "fingerprint.json"
-    if fingerprint.exists() and hashlib.sha256(fingerprint.read_bytes()).hexdigest() != manifest["fingerprint_sha256"]:
+    if not fingerprint.exists():
+        raise CacheDamagedError(root, ["fingerprint.json is missing (the manifest records its sha256, so the "
+                                       "run config that made the cache can restore it)"])
+    if _sha256(fingerprint.read_bytes()) != manifest.get("fingerprint_sha256"):
         raise CacheDamagedError(root, ["fingerprint.json is not the one the manifest was written with"])
+    pinned = (read_fingerprint(root) or {}).get(ROWS_KEY)
+    if not isinstance(pinned, dict) or pinned.get("sha256") != rows_digest(manifest["rows"]):
+        raise CacheDamagedError(root, ["manifest.json rows (ids, labels, attacks, groups) are not the ones "
+                                       "fingerprint.json field rows.sha256 pins (edited labels?)"])
     return manifest
 
 
@@ -232,16 +340,37 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
 
 
 def is_complete(root: Path, fingerprint: dict[str, Any]) -> bool:
-    """A finished cache made for ``fingerprint`` (not yet checked for damage: a damaged fingerprint.json
-    counts if the manifest was written with this fingerprint, so that opening the cache reports it)."""
+    """A finished cache made for ``fingerprint`` (not yet checked for damage: a missing or damaged
+    fingerprint.json counts if the manifest records this fingerprint, so that opening the cache reports it)."""
     if not (Path(root) / "manifest.json").exists():
         return False
     try:
-        if read_fingerprint(root) == fingerprint:
-            return True
+        stored = read_fingerprint(root)
     except CacheDamagedError:
-        pass
-    return _vouched_by_manifest(Path(root), fingerprint)
+        stored = None
+    if stored is not None and cache_identity(stored) == cache_identity(fingerprint):
+        return True
+    return vouched_fingerprint(Path(root), fingerprint) is not None
+
+
+def remove_owned(root: Path) -> None:
+    """Delete what a cache owns in ``root`` and nothing else: its fingerprint, manifest, rankings, and in
+    ``shards/`` only files named as shards, sidecars or their temporary files (others are left, and said)."""
+    root = Path(root)
+    for name in ("fingerprint.json", "manifest.json"):
+        (root / name).unlink(missing_ok=True)
+    shutil.rmtree(root / "rankings", ignore_errors=True)
+    shard_dir = root / SHARD_DIR
+    if not shard_dir.is_dir():
+        return
+    for path in shard_dir.iterdir():
+        if path.is_file() and SHARD_NAME.fullmatch(path.name):
+            path.unlink()
+    left = sorted(p.name for p in shard_dir.iterdir())
+    if left:
+        print(f"[sahs] left {len(left)} files in {shard_dir} that are not shards: {left[:5]}")
+    else:
+        shard_dir.rmdir()
 
 
 class ActivationCache:
@@ -254,7 +383,7 @@ class ActivationCache:
     def __init__(self, root: str | os.PathLike[str], checksums: bool = True):
         self.root = Path(root)
         manifest = load_manifest(self.root)
-        self.fingerprint = read_fingerprint(self.root)
+        self.fingerprint = cache_identity(read_fingerprint(self.root))  # model, prompts, extraction settings
         self.rows: list[dict[str, Any]] = manifest["rows"]
         self.layout: dict[str, Any] = manifest["layout"]
         self.layers: list[int] = self.layout["layers"]  # model layer index of each stored layer

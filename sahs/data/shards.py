@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +26,8 @@ from sahs.data.faults import kill_point
 
 TENSOR = "activations"
 SHARD_DIR = "shards"
+# Every name a shard, its sidecar or their temporary files can have: all that a rebuild may delete in shards/.
+SHARD_NAME = re.compile(r"\.?r\d{3,}-\d{5,}\.(?:safetensors|json)(?:\.\d+\.tmp)?")
 MAX_HEADER = 100 << 20  # safetensors' own limit on the header's length
 SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 
@@ -196,7 +199,8 @@ class ShardWriter:
         self.layout = layout
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rank, self.shard_size, self.dtype = rank, shard_size, dtype
-        taken = [int(p.stem.split("-")[1]) for p in self.dir.glob(f"r{rank:03d}-*.safetensors")]
+        taken = [int(p.stem.split("-")[1]) for p in self.dir.glob(f"r{rank:03d}-*.safetensors")
+                 if SHARD_NAME.fullmatch(p.name)]
         self.next_index = max(taken, default=-1) + 1
         self._ids: list[str] = []
         self._rows: list[torch.Tensor] = []
@@ -244,7 +248,7 @@ def finished_shards(root: Path, verify: bool = True) -> dict[str, dict[str, Any]
     """
     shard_dir = Path(root) / SHARD_DIR
     shards: dict[str, dict[str, Any]] = {}
-    for tensor_path in sorted(shard_dir.glob("r*.safetensors")):
+    for tensor_path in sorted(p for p in shard_dir.glob("r*.safetensors") if SHARD_NAME.fullmatch(p.name)):
         sidecar_path = tensor_path.with_suffix(".json")
         sidecar = read_sidecar(sidecar_path)
         try:
@@ -260,10 +264,11 @@ def finished_shards(root: Path, verify: bool = True) -> dict[str, dict[str, Any]
             continue
         shards[tensor_path.stem] = sidecar
     for orphan in shard_dir.glob("r*.json"):  # a sidecar whose shard is gone
-        if orphan.stem not in shards and not orphan.with_suffix(".safetensors").exists():
+        if SHARD_NAME.fullmatch(orphan.name) and orphan.stem not in shards and not orphan.with_suffix(".safetensors").exists():
             orphan.unlink()
     for tmp in shard_dir.glob(".*.tmp"):
-        tmp.unlink()
+        if SHARD_NAME.fullmatch(tmp.name):
+            tmp.unlink()
     return shards
 
 

@@ -182,7 +182,7 @@ def _ready_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool, repair
         print(f"[sahs] repairing {root}: {'; '.join(damage.problems)}")
     cache_io.prepare_folder(root, fingerprint, rebuild=rebuild)
     (root / "manifest.json").unlink(missing_ok=True)
-    for tmp in root.glob(".*.tmp"):
+    for tmp in root.glob(".*.json.*.tmp"):  # a manifest or fingerprint.json half written
         tmp.unlink()
     # Drops unfinished, truncated and corrupt shards, and shards that only repeat other shards' prompts.
     cache_io.drop_duplicate_shards(root, cache_io.finished_shards(root, verify=True))
