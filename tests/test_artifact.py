@@ -252,6 +252,9 @@ EDITS = {
     "heads not pairs": (_set("features.heads", [[1, 2, 3]]), r"features\.heads must be"),
     "layout missing": (lambda r, w: r["features"].pop("layout"), r"features\.layout"),
     "detector missing": (lambda r, w: r.pop("detector"), "field detector is missing"),
+    "model not an object": (_set("features.fingerprint.model", "synthetic"), r"features\.fingerprint\.model is not"),
+    "init_args not an object": (_set("detector.init_args", [1]), r"field detector needs"),
+    "unknown detector argument": (_set("detector.init_args", lambda v: {**v, "l3": 1}), r"do not fit field detector"),
     "heads swapped": (_swap_heads, "does not match its field checksum"),
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -102,7 +103,8 @@ def test_resume_redoes_only_missing_and_corrupt_shards(tmp_path, prompts, expect
     extracted: list[int] = []
     real = pipeline.extract_into
     monkeypatch.setattr(pipeline, "extract_into",
-                        lambda root, m, p, indices, *a, **k: (extracted.extend(indices), real(root, m, p, indices, *a, **k)))
+                        lambda root, m, p, batches, *a, **k: (extracted.extend(i for b in batches for i in b),
+                                                              real(root, m, p, batches, *a, **k)))
     assert ensure_cache(tmp_path, ModelConfig(), prompts, SETTINGS, progress=False) == "resumed"
     assert sorted(prompts["id"][i] for i in extracted) == sorted(redo)  # those two shards' prompts, nothing else
     cache = ActivationCache(tmp_path)
@@ -181,3 +183,29 @@ def test_a_rebuild_deletes_only_the_files_a_cache_owns(tmp_path, prompts):
                         progress=False) == "built"
     assert {name: (tmp_path / name).read_bytes() for name in theirs} == theirs
     assert ActivationCache(tmp_path).fingerprint["model"]["seed"] == 1
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, prompts, expected, monkeypatch):
+    """ENOSPC on the third shard: one line naming the file and the fix, no partial file left, nothing lost."""
+    import errno
+
+    from sahs.data import shards as shards_io
+    from sahs.errors import UserError
+
+    real_open, opened = open, []
+
+    def filling_up(path, mode="r", *args, **kwargs):
+        if "w" in mode and str(path).endswith(".safetensors.%d.tmp" % os.getpid()):
+            opened.append(path)
+            if len(opened) == 3:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(shards_io, "open", filling_up, raising=False)
+    with pytest.raises(UserError, match=r"cannot write .*r000-00002\.safetensors: no space left on the device\. "
+                                        r"Free space") as error:
+        ensure_cache(tmp_path, ModelConfig(), prompts, SETTINGS, progress=False)
+    assert "\n" not in str(error.value) and not list(tmp_path.rglob("*.tmp"))
+    monkeypatch.undo()
+    assert ensure_cache(tmp_path, ModelConfig(), prompts, SETTINGS, progress=False) == "resumed"
+    torch.testing.assert_close(ActivationCache(tmp_path).read().view_as(expected), expected, atol=1e-4, rtol=1e-4)

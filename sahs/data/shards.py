@@ -11,6 +11,7 @@ umask 022), the same for shards, sidecars, manifest and fingerprint.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from sahs.data.faults import kill_point
+from sahs.errors import UserError
 
 TENSOR = "activations"
 SHARD_DIR = "shards"
@@ -36,6 +38,17 @@ class ShardError(ValueError):
     """A shard file that is not the one its sidecar or the manifest recorded."""
 
 
+class CacheWriteError(UserError, OSError):
+    """A cache file could not be written (disk full, quota, read-only folder); what was finished is kept."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+_NO_ROOM = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
+
+
 def write_file(path: Path, data: bytes | Sequence[bytes | memoryview], point: str | None = None) -> None:
     """Write ``data`` (bytes, or buffers written one after the other) to ``path`` through a temporary file
     and a rename: readers see all of it or none. ``point`` names the fault-test kill point, reached
@@ -44,14 +57,23 @@ def write_file(path: Path, data: bytes | Sequence[bytes | memoryview], point: st
     *first, last = [data] if isinstance(data, (bytes, memoryview)) else data
     last = memoryview(last).cast("B")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
-    with open(tmp, "wb") as handle:  # open() creates with 0666 & ~umask, like every other file we write
-        for buffer in first:
-            handle.write(buffer)
-        handle.write(last[: len(last) // 2])
-        if point is not None:
-            kill_point(point, handle)
-        handle.write(last[len(last) // 2:])
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:  # open() creates with 0666 & ~umask, like every other file we write
+            for buffer in first:
+                handle.write(buffer)
+            handle.write(last[: len(last) // 2])
+            if point is not None:
+                kill_point(point, handle)
+            handle.write(last[len(last) // 2:])
+        os.replace(tmp, path)
+    except OSError as error:
+        if error.errno not in _NO_ROOM:
+            raise
+        tmp.unlink(missing_ok=True)
+        raise CacheWriteError(error.errno, f"cannot write {path}: {_NO_ROOM[error.errno]}. Free space (or fix "
+                              f"the folder's permissions) and run the same command again: the finished shards in "
+                              f"{path.parent} are kept and only the rest is extracted; or point `cache_dir` "
+                              "elsewhere") from None
 
 
 def sha256_file(path: Path, block: int = 1 << 20) -> str:

@@ -169,6 +169,12 @@ class DetectorArtifact:
                 type(layout.get(key)) is int and layout[key] > 0 for key in ("num_layers", "num_heads", "head_dim")):
             raise DetectorArtifactError(source, f"field {prefix}features.layout needs positive integers "
                                         "num_layers, num_heads and head_dim")
+        for key in ("fingerprint", "split"):
+            if features.get(key) is not None and not isinstance(features[key], dict):
+                raise DetectorArtifactError(source, f"field {prefix}features.{key} is not an object")
+        for key in ("model", "extraction"):
+            if (features.get("fingerprint") or {}).get(key) is not None and not isinstance(features["fingerprint"][key], dict):
+                raise DetectorArtifactError(source, f"field {prefix}features.fingerprint.{key} is not an object")
         spec = record["detector"]
         if not isinstance(spec.get("class_path"), str) or not isinstance(spec.get("init_args"), dict) \
                 or type(spec.get("in_features")) is not int:
@@ -243,9 +249,14 @@ class DetectorArtifact:
                             for key, value in record.items())
         for name, payload in ((EXPORT_WEIGHTS, data), (EXPORT_JSON, ("{\n" + fields + "\n}\n").encode())):
             tmp = folder / f".{name}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as handle:
-                handle.write(payload)
-            os.replace(tmp, folder / name)
+            try:
+                with open(tmp, "wb") as handle:
+                    handle.write(payload)
+                os.replace(tmp, folder / name)
+            except OSError as error:  # disk full, quota, permissions: one line, no half-written file
+                tmp.unlink(missing_ok=True)
+                raise DetectorArtifactError(folder / name, f"cannot be written ({error.strerror or error})",
+                                            "free space or choose another --output") from None
         return folder
 
     @classmethod
