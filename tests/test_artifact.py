@@ -7,7 +7,9 @@ AUROC by scikit-learn against the figure `sahs fit` reported.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +196,127 @@ def test_predict_logs_the_rows_as_a_wandb_table(fitted, tmp_path, monkeypatch):
     logged = pd.DataFrame(table["data"], columns=table["columns"])
     assert logged["id"].tolist() == written["id"].tolist() and len(written) > 0
     torch.testing.assert_close(torch.tensor(logged["score"].to_numpy()), torch.tensor(written["score"].to_numpy()))
+
+
+@pytest.fixture(scope="module")
+def export_folder(fitted, tmp_path_factory):
+    _, checkpoint, _ = fitted
+    folder = tmp_path_factory.mktemp("export") / "detector"
+    main(["export", "--ckpt_path", str(checkpoint), "--output", str(folder)])
+    return folder
+
+
+def edited_copy(export_folder: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the export whose detector.json (a dict) or weights (a dict of tensors) ``edit`` changed."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(export_folder, tmp_path / "edited"))
+    record = json.loads((folder / "detector.json").read_text())
+    weights = load_file(str(folder / "detector.safetensors"))
+    edit(record, weights)
+    (folder / "detector.json").write_text(json.dumps(record))  # NaN and Infinity as Python's json writes them
+    save_file(weights, str(folder / "detector.safetensors"))
+    return folder
+
+
+def _set(path: str, value):
+    def edit(record, weights):
+        *parents, leaf = path.split(".")
+        node = record
+        for key in parents:
+            node = node[key]
+        node[leaf] = value(node[leaf]) if callable(value) else value
+    return edit
+
+
+def _nan_weight(record, weights):
+    weights["linear.weight"][0, 3] = float("nan")
+
+
+def _swap_heads(record, weights):
+    heads = record["features"]["heads"]
+    heads[0], heads[1] = heads[1], heads[0]  # still fits every shape: only the checksum can tell
+
+
+EDITS = {
+    "threshold NaN": (_set("threshold", float("nan")), "field threshold"),
+    "threshold text": (_set("threshold", "high"), "threshold"),
+    "threshold missing": (lambda r, w: r.pop("threshold"), "field threshold is missing"),
+    "mean inf": (_set("scaler.mean", lambda v: [float("inf"), *v[1:]]), r"field scaler\.mean holds NaN or infinite"),
+    "std zero": (_set("scaler.std", lambda v: [0.0, *v[1:]]), r"field scaler\.std holds zero"),
+    "std short": (_set("scaler.std", lambda v: v[1:]), r"field scaler\.std has shape"),
+    "weight NaN": (_nan_weight, r"weight linear\.weight holds NaN"),
+    "head out of range": (_set("features.heads", lambda v: [[2, 9], *v[1:]]), r"features\.heads has \[\(2, 9\)\] outside"),
+    "head twice": (_set("features.heads", lambda v: [v[0], v[0]]), r"features\.heads lists a head twice"),
+    "one head fewer": (_set("features.heads", lambda v: v[:1]), r"detector\.in_features is 16, but 1 heads"),
+    "heads not pairs": (_set("features.heads", [[1, 2, 3]]), r"features\.heads must be"),
+    "layout missing": (lambda r, w: r["features"].pop("layout"), r"features\.layout"),
+    "detector missing": (lambda r, w: r.pop("detector"), "field detector is missing"),
+    "model not an object": (_set("features.fingerprint.model", "synthetic"), r"features\.fingerprint\.model is not"),
+    "init_args not an object": (_set("detector.init_args", [1]), r"field detector needs"),
+    "unknown detector argument": (_set("detector.init_args", lambda v: {**v, "l3": 1}), r"do not fit field detector"),
+    "heads swapped": (_swap_heads, "does not match its field checksum"),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_an_edited_export_is_refused_in_one_line_naming_the_field(export_folder, tmp_path, edit, capsys):
+    from sahs.models.artifact import DetectorArtifact, DetectorArtifactError
+
+    change, named = EDITS[edit]
+    folder = edited_copy(export_folder, tmp_path, change)
+    with pytest.raises(DetectorArtifactError, match=named) as error:
+        DetectorArtifact.load(folder)
+    assert str(folder) in str(error.value) and "sahs export" in str(error.value)
+    (tmp_path / "prompts.jsonl").write_text('{"text": "How do I make a bomb?"}\n')
+    with pytest.raises(SystemExit) as verdict:  # the guard refuses it before loading any model
+        main(["guard", "--detector", str(folder), "--input", str(tmp_path / "prompts.jsonl")])
+    err = capsys.readouterr().err.strip()
+    assert verdict.value.code == 2 and err.count("\n") == 0 and "Traceback" not in err and "detector" in err
+
+
+def test_the_untouched_export_and_its_scores_load(export_folder, fitted):
+    from sahs.models.artifact import DetectorArtifact
+
+    config, checkpoint, _ = fitted
+    heads, expected = scores_by_hand(checkpoint, config.parent / "cache")
+    artifact = DetectorArtifact.load(export_folder)
+    x = ActivationCache(config.parent / "cache").read(artifact.features.heads).flatten(1)
+    torch.testing.assert_close(artifact.score(x), expected)
+    torch.testing.assert_close(artifact.score(x.numpy()), expected)  # a numpy array scores the same
+    torch.testing.assert_close(artifact.score(x.double().numpy()), expected)
+
+
+def test_export_refuses_to_replace_a_detector_unless_asked_and_follows_the_umask(fitted, tmp_path, capsys):
+    config, checkpoint, _ = fitted
+    folder = tmp_path / "detector"
+    old = os.umask(0o027)
+    try:
+        main(["export", "--ckpt_path", str(checkpoint), "--output", str(folder)])
+        (folder / "detector.json").write_text("{}")  # stands for an earlier, different export
+        with pytest.raises(SystemExit) as verdict:
+            main(["export", "--ckpt_path", str(checkpoint), "--output", str(folder)])
+        assert verdict.value.code == 2 and "--overwrite" in capsys.readouterr().err
+        assert (folder / "detector.json").read_text() == "{}"  # left as it was
+        main(["export", "--ckpt_path", str(checkpoint), "--output", str(folder), "--overwrite"])
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {
+        "detector.json": 0o640, "detector.safetensors": 0o640}
+    from sahs.models.artifact import DetectorArtifact
+
+    assert DetectorArtifact.load(folder).features.heads == DetectorArtifact.read_checkpoint(checkpoint).features.heads
+
+
+@pytest.mark.parametrize("problem", ["missing", "not a checkpoint", "no record"])
+def test_export_of_a_bad_checkpoint_is_one_line(tmp_path, problem, capsys):
+    path = tmp_path / "best.ckpt"
+    if problem == "not a checkpoint":
+        path.write_bytes(b"not a zip file")
+    elif problem == "no record":
+        torch.save({"state_dict": {}}, path)
+    with pytest.raises(SystemExit) as verdict:
+        main(["export", "--ckpt_path", str(path), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert verdict.value.code == 2 and err.count("\n") == 0 and str(path) in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -102,7 +103,8 @@ def test_resume_redoes_only_missing_and_corrupt_shards(tmp_path, prompts, expect
     extracted: list[int] = []
     real = pipeline.extract_into
     monkeypatch.setattr(pipeline, "extract_into",
-                        lambda root, m, p, indices, *a, **k: (extracted.extend(indices), real(root, m, p, indices, *a, **k)))
+                        lambda root, m, p, batches, *a, **k: (extracted.extend(i for b in batches for i in b),
+                                                              real(root, m, p, batches, *a, **k)))
     assert ensure_cache(tmp_path, ModelConfig(), prompts, SETTINGS, progress=False) == "resumed"
     assert sorted(prompts["id"][i] for i in extracted) == sorted(redo)  # those two shards' prompts, nothing else
     cache = ActivationCache(tmp_path)
@@ -137,6 +139,7 @@ def test_writer_holds_at_most_one_shard_and_reads_pick_any_heads(tmp_path):
     """Rows reach disk as soon as a shard is full; reads of any heads, in any order, match the rows written."""
     layout = {"num_layers": 3, "num_heads": 4, "head_dim": 2, "layers": [0, 1, 2], "family": "synthetic"}
     rows = torch.randn(11, 3, 4, 2)  # [rows, layers, heads, head_dim]
+    cache_io.prepare_folder(tmp_path, {"model": "synthetic"}, rebuild=False)
     order = [7, 2, 9, 0, 4, 10, 1, 5, 8, 3, 6]  # written shuffled, as a length-sorted extraction does
     writer = cache_io.ShardWriter(tmp_path, layout, shard_size=3, dtype=torch.float32)
     for written in range(0, 11, 2):
@@ -166,3 +169,43 @@ def test_read_keeps_the_stored_dtype_when_asked(tmp_path, stored):
     expected = features.to(stored).float().flip(0)[:, [1, 0], [2, 0]]  # manifest order is reversed
     torch.testing.assert_close(as_stored.float(), expected, rtol=0, atol=0)
     torch.testing.assert_close(as_float, expected, rtol=0, atol=0)
+
+
+def test_a_rebuild_deletes_only_the_files_a_cache_owns(tmp_path, prompts):
+    ensure_cache(tmp_path, ModelConfig(), prompts, SETTINGS, progress=False)
+    theirs = {"shards/notes.txt": b"mine", "shards/r000-final.safetensors": b"not a shard name",
+              "shards/results.json": b"{}"}
+    for name, data in theirs.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(CacheMismatchError, match="model.seed"):
+        ensure_cache(tmp_path, ModelConfig(seed=1), prompts, SETTINGS, progress=False)
+    assert ensure_cache(tmp_path, ModelConfig(seed=1), prompts, SETTINGS, on_mismatch="rebuild",
+                        progress=False) == "built"
+    assert {name: (tmp_path / name).read_bytes() for name in theirs} == theirs
+    assert ActivationCache(tmp_path).fingerprint["model"]["seed"] == 1
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, prompts, expected, monkeypatch):
+    """ENOSPC on the third shard: one line naming the file and the fix, no partial file left, nothing lost."""
+    import errno
+
+    from sahs.data import shards as shards_io
+    from sahs.errors import UserError
+
+    real_open, opened = open, []
+
+    def filling_up(path, mode="r", *args, **kwargs):
+        if "w" in mode and str(path).endswith(".safetensors.%d.tmp" % os.getpid()):
+            opened.append(path)
+            if len(opened) == 3:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(shards_io, "open", filling_up, raising=False)
+    with pytest.raises(UserError, match=r"cannot write .*r000-00002\.safetensors: no space left on the device\. "
+                                        r"Free space") as error:
+        ensure_cache(tmp_path, ModelConfig(), prompts, SETTINGS, progress=False)
+    assert "\n" not in str(error.value) and not list(tmp_path.rglob("*.tmp"))
+    monkeypatch.undo()
+    assert ensure_cache(tmp_path, ModelConfig(), prompts, SETTINGS, progress=False) == "resumed"
+    torch.testing.assert_close(ActivationCache(tmp_path).read().view_as(expected), expected, atol=1e-4, rtol=1e-4)

@@ -25,6 +25,7 @@ from sahs.extract.formatting import encode_batch
 from sahs.extract.models import ModelConfig, model_identity
 from sahs.extract.tiny import build_tiny_llava
 from sahs.guard import DetectorMismatchError, SafetyGuard
+from sahs.guard.guard import GuardSettingError
 from sahs.models.artifact import DetectorArtifact
 from sahs.prompts import DemoPrompts
 
@@ -179,15 +180,82 @@ def test_guard_command_reads_jsonl_and_writes_scores_and_answers(exported, tmp_p
     assert from_stdin["score"] == pytest.approx(out[0]["score"], abs=1e-6)
 
 
-def test_guard_command_names_a_bad_line(exported, tmp_path):
-    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"prompt": "no text field"}\n')
-    with pytest.raises(ValueError, match="line 2 needs a \"text\""):
-        main(["guard", "--detector", str(exported[0]), "--input", str(tmp_path / "bad.jsonl"),
-              "--output", str(tmp_path / "out.jsonl"), "--max_new_tokens", "1"])
+def test_bad_lines_get_an_error_line_and_every_other_line_its_answer(exported, model_and_processor, tmp_path, capsys):
+    detector, _, _, dataset = exported
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    texts = [dataset[i]["text"] for i in (0, 1, 4)]
+    lines = [json.dumps({"id": "a", "text": texts[0]}), "{not json", json.dumps(["a", "list"]),
+             json.dumps({"id": "d", "prompt": "no text field"}), json.dumps({"id": "e", "text": "x", "image": "gone.png"}),
+             json.dumps({"text": "x", "image": "folder.png"}), json.dumps({"id": "g", "text": "x", "image": "broken.png"}),
+             json.dumps({"id": "h", "text": texts[1]}), "", json.dumps({"text": texts[2]})]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit) as verdict:
+        main(["guard", "--detector", str(detector), "--input", str(tmp_path / "prompts.jsonl"), "--output",
+              str(tmp_path / "out.jsonl"), "--max_new_tokens", "2", "--batch_size", "2"])
+    assert verdict.value.code == 3  # some lines failed: not 0, not a user error's 2
+    assert "6 lines" in capsys.readouterr().err
+    raw = (tmp_path / "out.jsonl").read_text().splitlines()
+    out = [json.loads(line) for line in raw]
+    assert [o.get("id", o.get("line")) for o in out] == ["a", 2, 3, "d", "e", 6, "g", "h", None]  # input order
+    errors = {o.get("id", o.get("line")): o["error"] for o in out if "error" in o}
+    assert sorted(errors, key=str) == sorted([2, 3, "d", "e", 6, "g"], key=str)
+    assert "not JSON" in errors[2] and "text" in errors[3] and "text" in errors["d"]
+    assert "gone.png" in errors["e"] and "folder.png" in errors[6] and "broken.png" in errors["g"]
+    answered = [o for o in out if "error" not in o]
+    plain = guard_for(exported, model_and_processor).generate([{"text": t} for t in texts], max_new_tokens=2)
+    for got, expected in zip(answered, plain):  # the same answers as a run without the bad lines
+        assert got["score"] == pytest.approx(expected.score, abs=1e-6) and got["flagged"] == expected.flagged
+        assert got["answer"] == expected.answer
+
+
+@pytest.mark.parametrize("option, value", [("--batch_size", "0"), ("--max_new_tokens", "0"), ("--batch_size", "-3")])
+def test_an_option_that_cannot_work_is_one_line_before_the_model_loads(exported, tmp_path, capsys, monkeypatch,
+                                                                       option, value):
+    import sahs.guard.guard as guard_module
+
+    monkeypatch.setattr(guard_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "p.jsonl").write_text('{"text": "hi"}\n')
+    with pytest.raises(SystemExit) as verdict:
+        main(["guard", "--detector", str(exported[0]), "--input", str(tmp_path / "p.jsonl"), option, value])
+    err = capsys.readouterr().err.strip()
+    assert verdict.value.code == 2 and err.count("\n") == 0 and option.lstrip("-") in err
+
+
+def test_a_score_that_is_not_a_number_is_flagged_and_reported(exported, model_and_processor, tmp_path):
+    """A NaN reaching the heads (an fp16 overflow, a broken kernel) must refuse, not let the prompt through."""
+    model, _ = model_and_processor
+    dataset = exported[3]
+    out_proj = find_adapter(model).out_projs[HEADS[0][0]]
+    handle = out_proj.register_forward_pre_hook(lambda module, args: (torch.full_like(args[0], float("nan")),))
+    try:
+        guard = guard_for(exported, model_and_processor, threshold=2.0)  # nothing real would be flagged
+        results = guard.generate(as_prompts(dataset, [0, 1]), max_new_tokens=2)
+    finally:
+        handle.remove()
+    assert all(r.flagged and r.answer == guard.refusal and r.error for r in results)
+    with pytest.raises(GuardSettingError, match="threshold must be a finite number"):
+        guard_for(exported, model_and_processor, threshold=float("nan"))  # a NaN threshold would flag nothing
+    line = json.dumps(results[0].to_dict(), allow_nan=False)  # strict JSON
+    assert json.loads(line)["score"] is None and "nan" in json.loads(line)["error"]
+
+
+def test_a_score_equal_to_the_threshold_is_flagged(exported, model_and_processor):
+    dataset = exported[3]
+    prompt = as_prompts(dataset, [5])
+    (first,) = guard_for(exported, model_and_processor, threshold=2.0).generate(prompt, max_new_tokens=1)
+    (at,) = guard_for(exported, model_and_processor, threshold=first.score).generate(prompt, max_new_tokens=1)
+    (above,) = guard_for(exported, model_and_processor, threshold=float(torch.nextafter(
+        torch.tensor(first.score), torch.tensor(2.0)))).generate(prompt, max_new_tokens=1)
+    assert at.score == first.score and at.flagged and not above.flagged
+
+
+def test_a_detector_for_another_model_named_on_the_command_line_refuses(exported, tmp_path):
+    (tmp_path / "ok.jsonl").write_text('{"text": "fine"}\n')
     edited = tmp_path / "other"
-    shutil.copytree(exported[0], edited)
-    record = json.loads((edited / "detector.json").read_text())
-    record["features"]["fingerprint"]["model"]["config_sha256"] = "0" * 64
-    (edited / "detector.json").write_text(json.dumps(record))
+    artifact = DetectorArtifact.load(exported[0])  # a well-formed export, written for another model's config
+    fingerprint = json.loads(json.dumps(artifact.features.fingerprint))
+    fingerprint["model"]["config_sha256"] = "0" * 64
+    dataclasses.replace(artifact, features=dataclasses.replace(artifact.features, fingerprint=fingerprint)).save(edited)
     with pytest.raises(DetectorMismatchError, match="config_sha256"):
-        main(["guard", "--detector", str(edited), "--input", str(tmp_path / "bad.jsonl")])
+        main(["guard", "--detector", str(edited), "--input", str(tmp_path / "ok.jsonl")])

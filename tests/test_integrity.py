@@ -22,7 +22,8 @@ import yaml
 
 from sahs.cli import main
 from sahs.data import shards as shards_io
-from sahs.data.cache import ActivationCache, CacheDamagedError, ShardWriter
+from sahs.data import cache as cache_io
+from sahs.data.cache import ActivationCache, CacheDamagedError, CacheMismatchError, ShardWriter
 from sahs.data.integrity import verify_cache
 from sahs.data.lock import CacheBusyError, CacheLock
 from sahs.extract import pipeline
@@ -82,13 +83,29 @@ def damage(root: Path, kind: str) -> str:
         manifest = root / "manifest.json"
         manifest.write_bytes(manifest.read_bytes().replace(b'"label": 1', b'"label": 0', 1))
         return "manifest.json"
+    elif kind == "labels":  # every label inverted, the manifest's checksum recomputed: it parses and checks out
+        manifest = json.loads((root / "manifest.json").read_text())
+        for row in manifest["rows"]:
+            row["label"] = 1 - row["label"]
+        manifest["checksum"] = cache_io._digest({k: v for k, v in manifest.items() if k != "checksum"})
+        (root / "manifest.json").write_text(json.dumps(manifest))
+        return "manifest.json"
     elif kind == "fingerprint":
         flip(root / "fingerprint.json", 20)
+        return "fingerprint.json"
+    elif kind == "fingerprint_missing":
+        (root / "fingerprint.json").unlink()
+        return "fingerprint.json"
+    elif kind == "fingerprint_replaced":  # another model's, well-formed
+        fingerprint = json.loads((root / "fingerprint.json").read_text())
+        fingerprint["model"]["seed"] = 1
+        (root / "fingerprint.json").write_bytes(cache_io.fingerprint_bytes(fingerprint))
         return "fingerprint.json"
     return shard.name
 
 
-@pytest.mark.parametrize("kind", ["data", "header", "deleted", "manifest", "fingerprint"])
+@pytest.mark.parametrize("kind", ["data", "header", "deleted", "manifest", "labels", "fingerprint",
+                                  "fingerprint_missing", "fingerprint_replaced"])
 def test_damage_is_refused_named_and_repaired_by_the_documented_command(tmp_path, run, kind, capsys, monkeypatch):
     root = Path(shutil.copytree(run["cache"], tmp_path / "cache"))
     named = damage(root, kind)
@@ -114,7 +131,7 @@ def test_damage_is_refused_named_and_repaired_by_the_documented_command(tmp_path
                                                                                 real_add(self, ids, rows)))
     main(["cache", "repair", str(root), "--config", str(run["config"])])
     assert "activation cache repaired" in capsys.readouterr().out
-    lost = [] if kind in ("manifest", "fingerprint") else json.loads(
+    lost = [] if kind.startswith(("manifest", "labels", "fingerprint")) else json.loads(
         (run["cache"] / "shards" / "r000-00001.json").read_text())["ids"]
     assert sorted(extracted) == sorted(lost)  # only the bad shard's rows went through the model again
     assert all(files(root).get(name) == data for name, data in untouched.items())  # the rest was kept as it was
@@ -124,6 +141,23 @@ def test_damage_is_refused_named_and_repaired_by_the_documented_command(tmp_path
     for column in ("id", "label", "attack", "source", "category"):  # in the same order, flipped label undone
         assert repaired.column(column) == reference.column(column)
     assert torch.equal(repaired.read(), reference.read())
+
+
+@pytest.mark.parametrize("kind", ["fingerprint_missing", "fingerprint_replaced"])
+def test_a_cache_whose_fingerprint_is_gone_is_not_taken_for_another_models(tmp_path, run, kind):
+    """Without the fingerprint the manifest recorded, the activations are no model's: another config is
+    refused by a run and by a repair, and the folder is left as it was."""
+    root = Path(shutil.copytree(run["cache"], tmp_path / "cache"))
+    damage(root, kind)
+    before = files(root)
+    other, prompts, settings = ModelConfig(seed=1), prompt_set(N_PROMPTS), ExtractionSettings(**EXTRACTION)
+    with pytest.raises((CacheMismatchError, CacheDamagedError), match="fingerprint.json"):
+        ensure_cache(root, other, prompts, settings, progress=False)
+    with pytest.raises((CacheMismatchError, CacheDamagedError), match="fingerprint.json"):
+        extract_with_trainer(root, other, prompts, settings, repair=True, accelerator="cpu", devices=1,
+                             progress=False)
+    assert files(root) == before
+    assert not verify_cache(root).ok
 
 
 def test_shards_repeated_by_a_second_extraction_are_resolved_not_fatal(tmp_path, run, monkeypatch):

@@ -9,6 +9,7 @@ process held must have died with it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -47,23 +48,24 @@ def files(root: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != ".lock"}
 
 
-def killed_extraction(root: Path, point: str, log: Path) -> None:
+def killed_extraction(root: Path, point: str, log: Path, batch_size: int = 1) -> None:
     """Run this file as a script with ``SAHS_KILL_AT=point``; it must die by SIGKILL there."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads()),
            "SAHS_KILL_AT": point}
     with log.open("w") as out:
-        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(root)], cwd=ROOT, env=env,
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(root), str(batch_size)], cwd=ROOT,
+                              env=env,
                               stdout=out, stderr=subprocess.STDOUT, timeout=300)
     assert done.returncode == -signal.SIGKILL, f"not killed at {point}:\n{log.read_text()[-3000:]}"
 
 
-def resume(root: Path, prompts, monkeypatch) -> tuple[str, list[str]]:
+def resume(root: Path, prompts, monkeypatch, settings: ExtractionSettings = SETTINGS) -> tuple[str, list[str]]:
     """Extract again in this process; returns the status and the ids that went through the model."""
     extracted: list[str] = []
     real_add = cache_io.ShardWriter.add
     monkeypatch.setattr(cache_io.ShardWriter, "add",
                         lambda self, ids, acts: (extracted.extend(ids), real_add(self, ids, acts)))
-    status = extract_with_trainer(root, ModelConfig(), prompts, SETTINGS, accelerator="cpu", devices=1,
+    status = extract_with_trainer(root, ModelConfig(), prompts, settings, accelerator="cpu", devices=1,
                                   progress=False)
     return status, extracted
 
@@ -142,6 +144,23 @@ def test_a_killed_extraction_redoes_only_unfinished_and_corrupt_shards(tmp_path,
     assert torch.equal(cache.read(), reference.read())
 
 
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_a_resume_batches_as_the_uninterrupted_run_when_shards_split_batches(tmp_path, prompts, monkeypatch,
+                                                                            batch_size):
+    """Shards of 3 prompts, batches of 2 or 4: a batch never spans two shards, so the prompts left after a kill
+    go through the model with the same neighbours (the same padding) as in one run, to the same bytes."""
+    settings = dataclasses.replace(SETTINGS, batch_size=batch_size)
+    whole = tmp_path / "whole"
+    extract_with_trainer(whole, ModelConfig(), prompts, settings, accelerator="cpu", devices=1, progress=False)
+    root = tmp_path / "cache"
+    killed_extraction(root, "shard_written:1", tmp_path / "extract.log", batch_size)
+    assert sorted(finished(root)) == ["r000-00000"]
+    status, extracted = resume(root, prompts, monkeypatch, settings)
+    assert status == "resumed" and len(extracted) == N_PROMPTS - 3
+    assert files(root) == files(whole)
+
+
 if __name__ == "__main__":
-    extract_with_trainer(sys.argv[1], ModelConfig(), prompt_set(N_PROMPTS), SETTINGS, accelerator="cpu", devices=1,
-                         progress=False)
+    batch = int(sys.argv[2]) if len(sys.argv) > 2 else SETTINGS.batch_size
+    extract_with_trainer(sys.argv[1], ModelConfig(), prompt_set(N_PROMPTS), dataclasses.replace(SETTINGS, batch_size=batch),
+                         accelerator="cpu", devices=1, progress=False)

@@ -2,12 +2,14 @@
 
 Layout of a cache folder::
 
-    fingerprint.json            what produced it (model, prompt set, extraction settings)
+    fingerprint.json            what produced it (model, prompt set, extraction settings), and a digest
+                                of the manifest's rows (ids, labels, attacks, groups)
     shards/r000-00000.safetensors   "activations" [rows, layers, heads, head_dim], one rank's rows
     shards/r000-00000.json          sidecar: prompt ids, size and sha256 of the shard and its header;
                                     written last, so a shard without one is unfinished and gets redone
     manifest.json               every prompt's id, label, attack, source, category, split, shard, row;
-                                every shard's size and checksums; its own checksum. Written last.
+                                every shard's size and checksums; fingerprint.json's sha256; its own
+                                checksum. Written last (``sahs.data.manifest``).
     .lock                       held (flock) by the one extraction that may write here
 
 A finished cache is checked before use: cheaply when opened (every shard there, with the size and
@@ -18,8 +20,6 @@ Reads are memory-mapped (safetensors) and touch only the pages of the heads aske
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from collections.abc import Iterable, Sequence
@@ -29,9 +29,31 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from sahs.data.faults import kill_point
+from sahs.data.manifest import (  # noqa: F401  (re-exported: the cache's own records)
+    FORMAT_VERSION,
+    META_COLUMNS,
+    PINNED_COLUMNS,
+    ROWS_KEY,
+    CacheDamagedError,
+    CacheMismatchError,
+    CacheMissingError,
+    _digest,
+    _intact_manifest,
+    cache_identity,
+    fingerprint_bytes,
+    fingerprint_diff,
+    load_manifest,
+    manifest_problems,
+    read_fingerprint,
+    repair_command,
+    rows_digest,
+    vouched_fingerprint,
+    with_rows,
+    write_manifest,
+)
 from sahs.data.shards import (  # noqa: F401  (re-exported: the cache's writing side)
     SHARD_DIR,
+    SHARD_NAME,
     TENSOR,
     ShardWriter,
     drop_duplicate_shards,
@@ -40,80 +62,21 @@ from sahs.data.shards import (  # noqa: F401  (re-exported: the cache's writing 
     shard_problems,
     write_file,
 )
-from sahs.errors import UserError
 
-FORMAT_VERSION = 2
 OWN_ENTRIES = {"fingerprint.json", "manifest.json", SHARD_DIR, "rankings"}  # rankings: head rankings kept for reuse
-META_COLUMNS = ("id", "label", "attack", "source", "category", "split", "group")
 
 
-class CacheMissingError(UserError, FileNotFoundError):
-    """No finished cache where one was expected."""
-
-
-class CacheMismatchError(UserError, ValueError):
-    """A cache exists but was made by another model, prompt set or extraction setting."""
-
-
-class CacheDamagedError(UserError, RuntimeError):
-    """A finished cache whose files are not the ones written: missing, truncated or corrupt."""
-
-    def __init__(self, root: Path, problems: Sequence[str], rows: int | None = None):
-        self.root, self.problems, self.rows = Path(root), list(problems), rows
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        affected = f" the {rows} rows affected" if rows else " what is affected"
-        super().__init__(f"the activation cache at {root} is damaged: {problems[0]}{more}. "
-                         f"Run `{repair_command(root)}` to re-extract{affected}")
-
-
-def repair_command(root: str | os.PathLike[str]) -> str:
-    return f"sahs cache repair {root} --config <run config>"
-
-
-def _digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def fingerprint_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ, e.g. ``["model.config_sha256", "prompts.sha256"]``."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(set(old) | set(new))
-        return [d for k in keys for d in fingerprint_diff(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [prefix.rstrip(".")]
-
-
-def read_fingerprint(root: Path) -> dict[str, Any] | None:
-    path = Path(root) / "fingerprint.json"
-    if not path.exists():
-        return None
-    try:
-        fingerprint = json.loads(path.read_text())
-    except ValueError:
-        raise CacheDamagedError(root, ["fingerprint.json is not valid JSON"]) from None
-    if not isinstance(fingerprint, dict):
-        raise CacheDamagedError(root, ["fingerprint.json is not a JSON object"])
-    return fingerprint
-
-
-def fingerprint_bytes(fingerprint: dict[str, Any]) -> bytes:
-    """``fingerprint.json`` as written; the manifest records its sha256."""
-    return json.dumps(fingerprint, indent=2, sort_keys=True).encode()
-
-
-def _vouched_by_manifest(root: Path, fingerprint: dict[str, Any]) -> bool:
-    """The manifest was written with exactly this fingerprint, whatever fingerprint.json now holds."""
-    try:
-        recorded = json.loads((root / "manifest.json").read_text())["fingerprint_sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return recorded == hashlib.sha256(fingerprint_bytes(fingerprint)).hexdigest()
+def _holds_activations(root: Path) -> bool:
+    return (root / "manifest.json").exists() or any((root / SHARD_DIR).glob("r*.safetensors"))
 
 
 def check_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool) -> list[str]:
     """Refuse ``root`` unless it is empty, cache-only, or a cache that may be reused or rebuilt.
 
     Reads only: every process can call it before any of them changes the folder. Returns the
-    fingerprint keys that differ from the cache already there (empty if none or the same).
+    fingerprint keys that differ from the cache already there (empty if none or the same). Activations
+    whose fingerprint.json is missing or replaced count as another fingerprint's, unless the manifest
+    records exactly this one.
     """
     root = Path(root)
     if not root.exists():
@@ -122,15 +85,25 @@ def check_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool) -> list
     if foreign:
         raise CacheMismatchError(f"{root} holds files that are not an activation cache ({foreign[:5]}): "
                                  "choose an empty or cache-only folder for `cache_dir`")
-    if _vouched_by_manifest(root, fingerprint):  # a damaged fingerprint.json that the manifest can restore
+    if vouched_fingerprint(root, fingerprint) is not None:  # fingerprint.json is, or can be restored to, this one
         return []
     try:
         old = read_fingerprint(root)
     except CacheDamagedError:
         changed = ["fingerprint.json (unreadable)"]
     else:
-        changed = fingerprint_diff(old, fingerprint) if old is not None and old != fingerprint else []
+        if old is None:
+            changed = ["fingerprint.json (missing)"] if _holds_activations(root) else []
+        else:
+            changed = fingerprint_diff(cache_identity(old), cache_identity(fingerprint))
+            if not changed and _intact_manifest(root) is not None:
+                changed = ["fingerprint.json (not the one the manifest was written with)"]
     if changed and not rebuild:
+        if changed[0].startswith("fingerprint.json"):
+            raise CacheMismatchError(
+                f"the activation cache at {root} has {changed[0]} and its manifest does not record this "
+                "config's fingerprint, so its activations may be another model's or prompt set's: point "
+                "`cache_dir` at another folder, or set `on_mismatch: rebuild` to re-extract it")
         raise CacheMismatchError(
             f"the activation cache at {root} was made with other settings (changed: {', '.join(changed)}). "
             "Point `cache_dir` at another folder, or set `on_mismatch: rebuild` to re-extract it.")
@@ -140,108 +113,61 @@ def check_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool) -> list
 def prepare_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool) -> None:
     """Make ``root`` a cache for ``fingerprint``: keep finished shards of the same one, else refuse or clear.
 
-    Only files that a cache owns are ever removed; a folder holding anything else is refused.
+    Only files that a cache owns are ever removed; a folder holding anything else is refused. A missing
+    or replaced fingerprint.json is restored only to what the manifest records.
     """
     root = Path(root)
     changed = check_folder(root, fingerprint, rebuild)
     root.mkdir(parents=True, exist_ok=True)
     if changed:
         print(f"[sahs] rebuilding the activation cache at {root}: changed {', '.join(changed)}")
-        for name in OWN_ENTRIES:
-            target = root / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        remove_owned(root)
     path = root / "fingerprint.json"
-    if not path.exists() or path.read_bytes() != fingerprint_bytes(fingerprint):  # absent, or restored
-        write_file(path, fingerprint_bytes(fingerprint))
-
-
-def write_manifest(root: Path, records: Iterable[dict[str, Any]]) -> None:
-    """Tie all ranks' shards together; fails if a prompt has no row. Call it while holding the lock.
-
-    A prompt in two shards (two extractions into one folder, before locks) is taken from the first.
-    """
-    root = Path(root)
-    shards = drop_duplicate_shards(root, finished_shards(root, verify=False))
-    if not shards:
-        raise RuntimeError(f"{root}/shards holds no finished shard: nothing was extracted")
-    layouts = {json.dumps(sidecar["layout"], sort_keys=True) for sidecar in shards.values()}
-    if len(layouts) != 1:
-        raise RuntimeError(f"the shards in {root} disagree on their layout: {sorted(layouts)}; "
-                           f"`{repair_command(root)}` redoes them")
-    where: dict[str, tuple[str, int]] = {}
-    for stem, sidecar in shards.items():  # sorted by stem: the first copy of a prompt wins
-        for row, prompt_id in enumerate(sidecar["ids"]):
-            where.setdefault(prompt_id, (stem, row))
-    rows = []
-    for record in records:
-        if record["id"] not in where:
-            raise RuntimeError(f"prompt {record['id']!r} has no activations in {root}/shards")
-        stem, row = where.pop(record["id"])
-        meta = {c: record.get(c, "") for c in META_COLUMNS}
-        meta["group"] = meta["group"] or meta["id"]  # a prompt of no named request is a request of its own
-        rows.append({**meta, "shard": stem, "row": row})
-    used = {row["shard"] for row in rows}
-    table = {stem: {key: sidecar[key] for key in ("ids", "bytes", "sha256", "header_sha256")}
-             for stem, sidecar in shards.items() if stem in used}
-    fingerprint = root / "fingerprint.json"
-    manifest = {"format_version": FORMAT_VERSION, "complete": True, "layout": json.loads(layouts.pop()),
-                "fingerprint_sha256": hashlib.sha256(fingerprint.read_bytes()).hexdigest()
-                if fingerprint.exists() else None,
-                "shards": table, "rows": rows}
-    manifest["checksum"] = _digest(manifest)
-    kill_point("before_manifest")
-    write_file(root / "manifest.json", json.dumps(manifest).encode(), point="manifest_write")
-
-
-def load_manifest(root: Path) -> dict[str, Any]:
-    """The manifest of a finished cache, after checking its own checksum and the fingerprint's."""
-    root = Path(root)
-    path = root / "manifest.json"
-    if not path.exists():
-        raise CacheMissingError(
-            f"no finished activation cache at {root}: add sahs.callbacks.ActivationExtraction to "
-            "`trainer.callbacks` (it extracts before fitting) or run `sahs extract` with the same config")
+    restored = None if changed else vouched_fingerprint(root, fingerprint)
+    if restored is not None:
+        if not path.exists() or path.read_bytes() != fingerprint_bytes(restored):
+            write_file(path, fingerprint_bytes(restored))
+        return
     try:
-        manifest = json.loads(path.read_text())
-    except ValueError:
-        raise CacheDamagedError(root, ["manifest.json is not valid JSON"]) from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise CacheMismatchError(f"{root} has cache format {version}, this sahs reads {FORMAT_VERSION}: "
-                                 "re-extract it (`on_mismatch: rebuild`, or an empty `cache_dir`)")
-    body = {key: value for key, value in manifest.items() if key != "checksum"}
-    if manifest.get("checksum") != _digest(body):
-        raise CacheDamagedError(root, ["manifest.json does not match its checksum (corrupt)"])
-    fingerprint = root / "fingerprint.json"
-    if fingerprint.exists() and hashlib.sha256(fingerprint.read_bytes()).hexdigest() != manifest["fingerprint_sha256"]:
-        raise CacheDamagedError(root, ["fingerprint.json is not the one the manifest was written with"])
-    return manifest
-
-
-def manifest_problems(manifest: dict[str, Any]) -> list[str]:
-    """Rows that point outside their shard or at another prompt, and prompts listed twice."""
-    problems, seen = [], set()
-    for row in manifest["rows"]:
-        shard = manifest["shards"].get(row["shard"])
-        if shard is None or not 0 <= row["row"] < len(shard["ids"]) or shard["ids"][row["row"]] != row["id"]:
-            problems.append(f"manifest.json: prompt {row['id']!r} points at no row of its own")
-        if row["id"] in seen:
-            problems.append(f"manifest.json: prompt {row['id']!r} is listed twice")
-        seen.add(row["id"])
-    return problems
+        current = read_fingerprint(root)
+    except CacheDamagedError:
+        current = None
+    if current is None or cache_identity(current) != cache_identity(fingerprint):
+        write_file(path, fingerprint_bytes(cache_identity(fingerprint)))
 
 
 def is_complete(root: Path, fingerprint: dict[str, Any]) -> bool:
-    """A finished cache made for ``fingerprint`` (not yet checked for damage: a damaged fingerprint.json
-    counts if the manifest was written with this fingerprint, so that opening the cache reports it)."""
+    """A finished cache made for ``fingerprint`` (not yet checked for damage: a missing or damaged
+    fingerprint.json counts if the manifest records this fingerprint, so that opening the cache reports it)."""
     if not (Path(root) / "manifest.json").exists():
         return False
     try:
-        if read_fingerprint(root) == fingerprint:
-            return True
+        stored = read_fingerprint(root)
     except CacheDamagedError:
-        pass
-    return _vouched_by_manifest(Path(root), fingerprint)
+        stored = None
+    if stored is not None and cache_identity(stored) == cache_identity(fingerprint):
+        return True
+    return vouched_fingerprint(Path(root), fingerprint) is not None
+
+
+def remove_owned(root: Path) -> None:
+    """Delete what a cache owns in ``root`` and nothing else: its fingerprint, manifest, rankings, and in
+    ``shards/`` only files named as shards, sidecars or their temporary files (others are left, and said)."""
+    root = Path(root)
+    for name in ("fingerprint.json", "manifest.json"):
+        (root / name).unlink(missing_ok=True)
+    shutil.rmtree(root / "rankings", ignore_errors=True)
+    shard_dir = root / SHARD_DIR
+    if not shard_dir.is_dir():
+        return
+    for path in shard_dir.iterdir():
+        if path.is_file() and SHARD_NAME.fullmatch(path.name):
+            path.unlink()
+    left = sorted(p.name for p in shard_dir.iterdir())
+    if left:
+        print(f"[sahs] left {len(left)} files in {shard_dir} that are not shards: {left[:5]}")
+    else:
+        shard_dir.rmdir()
 
 
 class ActivationCache:
@@ -254,7 +180,7 @@ class ActivationCache:
     def __init__(self, root: str | os.PathLike[str], checksums: bool = True):
         self.root = Path(root)
         manifest = load_manifest(self.root)
-        self.fingerprint = read_fingerprint(self.root)
+        self.fingerprint = cache_identity(read_fingerprint(self.root))  # model, prompts, extraction settings
         self.rows: list[dict[str, Any]] = manifest["rows"]
         self.layout: dict[str, Any] = manifest["layout"]
         self.layers: list[int] = self.layout["layers"]  # model layer index of each stored layer

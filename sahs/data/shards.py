@@ -11,9 +11,11 @@ umask 022), the same for shards, sidecars, manifest and fingerprint.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,15 +24,29 @@ from typing import Any
 import torch
 
 from sahs.data.faults import kill_point
+from sahs.errors import UserError
 
 TENSOR = "activations"
 SHARD_DIR = "shards"
+# Every name a shard, its sidecar or their temporary files can have: all that a rebuild may delete in shards/.
+SHARD_NAME = re.compile(r"\.?r\d{3,}-\d{5,}\.(?:safetensors|json)(?:\.\d+\.tmp)?")
 MAX_HEADER = 100 << 20  # safetensors' own limit on the header's length
 SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 
 
 class ShardError(ValueError):
     """A shard file that is not the one its sidecar or the manifest recorded."""
+
+
+class CacheWriteError(UserError, OSError):
+    """A cache file could not be written (disk full, quota, read-only folder); what was finished is kept."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+_NO_ROOM = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
 
 
 def write_file(path: Path, data: bytes | Sequence[bytes | memoryview], point: str | None = None) -> None:
@@ -41,14 +57,23 @@ def write_file(path: Path, data: bytes | Sequence[bytes | memoryview], point: st
     *first, last = [data] if isinstance(data, (bytes, memoryview)) else data
     last = memoryview(last).cast("B")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
-    with open(tmp, "wb") as handle:  # open() creates with 0666 & ~umask, like every other file we write
-        for buffer in first:
-            handle.write(buffer)
-        handle.write(last[: len(last) // 2])
-        if point is not None:
-            kill_point(point, handle)
-        handle.write(last[len(last) // 2:])
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:  # open() creates with 0666 & ~umask, like every other file we write
+            for buffer in first:
+                handle.write(buffer)
+            handle.write(last[: len(last) // 2])
+            if point is not None:
+                kill_point(point, handle)
+            handle.write(last[len(last) // 2:])
+        os.replace(tmp, path)
+    except OSError as error:
+        if error.errno not in _NO_ROOM:
+            raise
+        tmp.unlink(missing_ok=True)
+        raise CacheWriteError(error.errno, f"cannot write {path}: {_NO_ROOM[error.errno]}. Free space (or fix "
+                              f"the folder's permissions) and run the same command again: the finished shards in "
+                              f"{path.parent} are kept and only the rest is extracted; or point `cache_dir` "
+                              "elsewhere") from None
 
 
 def sha256_file(path: Path, block: int = 1 << 20) -> str:
@@ -196,7 +221,8 @@ class ShardWriter:
         self.layout = layout
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rank, self.shard_size, self.dtype = rank, shard_size, dtype
-        taken = [int(p.stem.split("-")[1]) for p in self.dir.glob(f"r{rank:03d}-*.safetensors")]
+        taken = [int(p.stem.split("-")[1]) for p in self.dir.glob(f"r{rank:03d}-*.safetensors")
+                 if SHARD_NAME.fullmatch(p.name)]
         self.next_index = max(taken, default=-1) + 1
         self._ids: list[str] = []
         self._rows: list[torch.Tensor] = []
@@ -244,7 +270,7 @@ def finished_shards(root: Path, verify: bool = True) -> dict[str, dict[str, Any]
     """
     shard_dir = Path(root) / SHARD_DIR
     shards: dict[str, dict[str, Any]] = {}
-    for tensor_path in sorted(shard_dir.glob("r*.safetensors")):
+    for tensor_path in sorted(p for p in shard_dir.glob("r*.safetensors") if SHARD_NAME.fullmatch(p.name)):
         sidecar_path = tensor_path.with_suffix(".json")
         sidecar = read_sidecar(sidecar_path)
         try:
@@ -260,10 +286,11 @@ def finished_shards(root: Path, verify: bool = True) -> dict[str, dict[str, Any]
             continue
         shards[tensor_path.stem] = sidecar
     for orphan in shard_dir.glob("r*.json"):  # a sidecar whose shard is gone
-        if orphan.stem not in shards and not orphan.with_suffix(".safetensors").exists():
+        if SHARD_NAME.fullmatch(orphan.name) and orphan.stem not in shards and not orphan.with_suffix(".safetensors").exists():
             orphan.unlink()
     for tmp in shard_dir.glob(".*.tmp"):
-        tmp.unlink()
+        if SHARD_NAME.fullmatch(tmp.name):
+            tmp.unlink()
     return shards
 
 

@@ -2,7 +2,7 @@
 
 Every rank runs prefill batches of the frozen model under ``HeadCapture`` and writes its rows as its
 own shards (``shards/r{rank}-*``); after a barrier rank 0 writes the manifest that ties them together.
-Each rank takes every ``world_size``-th missing prompt, so each prompt goes to exactly one rank: no
+Each rank takes every ``world_size``-th prompt of the full plan (``ExtractionPlan.batches``), so each prompt goes to exactly one rank: no
 padding duplicates as with ``DistributedSampler``, and unlike Lightning's unrepeated predict sampler
 it accepts a rank with nothing left to do (a resume with fewer prompts than ranks). The writer also
 drops a repeated id. The cache folder must be visible to every node (a shared file system).
@@ -20,7 +20,7 @@ import lightning as L
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.strategies import Strategy
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sahs.data import cache as cache_io
 from sahs.extract.adapters import find_adapter
@@ -63,6 +63,19 @@ class _PromptRows(Dataset):
         return {**row, "image": read_image(row["id"], row["image"])}
 
 
+class _FixedBatches(Sampler[list[int]]):
+    """Batches given in advance (positions into the dataset), in order: the extraction plan's batches."""
+
+    def __init__(self, batches: list[list[int]]):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def _collate(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     # Lists, not tensors: texts and PIL images are encoded by the model's processor in predict_step.
     return {key: [row[key] for row in rows] for key in RECORD_COLUMNS}
@@ -85,9 +98,15 @@ class ExtractionData(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         assert self.plan is not None, "setup() runs first"
-        share = self.plan.missing[self.trainer.global_rank::self.trainer.world_size]  # may be empty
-        return DataLoader(_PromptRows(self.prompts, share), batch_size=self.settings.batch_size,
-                          shuffle=False, collate_fn=_collate)
+        batches = self.plan.batches(self.trainer.global_rank, self.trainer.world_size, self.settings.shard_size,
+                                    self.settings.batch_size)  # may be empty; no batch spans two shards
+        share = [index for batch in batches for index in batch]
+        positions, start = [], 0
+        for batch in batches:
+            positions.append(list(range(start, start + len(batch))))
+            start += len(batch)
+        return DataLoader(_PromptRows(self.prompts, share), batch_sampler=_FixedBatches(positions),
+                          collate_fn=_collate)
 
 
 class FrozenExtractor(L.LightningModule):

@@ -100,20 +100,21 @@ def capture_batch(model: PreTrainedModel, processor: Any, capture: HeadCapture, 
     return capture.run(lambda: model(**inputs, use_cache=False), positions)
 
 
-def _batches(prompts: datasets.Dataset, indices: list[int], size: int) -> Iterator[dict[str, list[Any]]]:
+def _batches(prompts: datasets.Dataset, batches: list[list[int]]) -> Iterator[dict[str, list[Any]]]:
     rows = undecoded(prompts)
-    for start in range(0, len(indices), size):
-        batch = rows.select(indices[start:start + size])[:]
+    for indices in batches:
+        batch = rows.select(indices)[:]
         batch["image"] = [read_image(pid, value) for pid, value in zip(batch["id"], batch["image"])]
         yield batch
 
 
-def extract_into(root: Path, model_cfg: ModelConfig, prompts: datasets.Dataset, indices: list[int],
+def extract_into(root: Path, model_cfg: ModelConfig, prompts: datasets.Dataset, batches: list[list[int]],
                  settings: ExtractionSettings, rank: int = 0, progress: bool = True) -> None:
-    """Load the model, write the rows of ``indices`` as this rank's shards, release the model."""
+    """Load the model, write the rows of ``batches`` (row indices, one list a prefill) as this rank's shards,
+    release the model."""
     model, processor = load_model(model_cfg)
     try:
-        write_activations(model, processor, root, prompts, indices, settings, rank, progress)
+        write_activations(model, processor, root, prompts, batches, settings, rank, progress)
     finally:
         del model
         release()
@@ -121,15 +122,16 @@ def extract_into(root: Path, model_cfg: ModelConfig, prompts: datasets.Dataset, 
 
 @torch.inference_mode()
 def write_activations(model: PreTrainedModel, processor: Any, root: Path, prompts: datasets.Dataset,
-                      indices: list[int], settings: ExtractionSettings, rank: int = 0, progress: bool = True) -> None:
+                      batches: list[list[int]], settings: ExtractionSettings, rank: int = 0,
+                      progress: bool = True) -> None:
     """The extraction loop over a loaded model; each forward stops after the last kept layer."""
     adapter = find_adapter(model)
     device = next(model.parameters()).device
     writer = cache_io.ShardWriter(root, cache_layout(adapter, settings.layers), rank, settings.shard_size,
                                   CACHE_DTYPES[settings.cache_dtype])
-    bar = tqdm(total=len(indices), desc="extracting activations", unit="prompt", disable=not progress)
+    bar = tqdm(total=sum(map(len, batches)), desc="extracting activations", unit="prompt", disable=not progress)
     with HeadCapture(adapter, settings.layers, early_exit=True) as capture:
-        for batch in _batches(prompts, indices, settings.batch_size):
+        for batch in _batches(prompts, batches):
             writer.add(batch["id"], capture_batch(model, processor, capture, batch, device))
             bar.update(len(batch["id"]))
     bar.close()
@@ -144,6 +146,8 @@ class ExtractionPlan:
     """Ids of the prompts already in finished shards."""
     missing: list[int]
     """Row indices of the prompts still to extract, shortest text first (the order batches are made in)."""
+    order: list[int] = field(default_factory=list)
+    """Every prompt's row index, shortest text first: the order that fixes each shard's and batch's prompts."""
     reused: bool = False
     """The cache was finished and intact once the lock was held (another run built it meanwhile)."""
     repair: bool = False
@@ -159,6 +163,22 @@ class ExtractionPlan:
     def release(self) -> None:
         if self.lock is not None:
             self.lock.release()
+
+    def batches(self, rank: int, world_size: int, shard_size: int, batch_size: int) -> list[list[int]]:
+        """This rank's prefill batches of missing prompts; each lies within one shard of the full plan.
+
+        The full plan is fixed by ``order`` alone: rank ``r`` takes every ``world_size``-th prompt, cut into
+        shards of ``shard_size``, each cut into batches. A resume keeps it, so a prompt meets the same
+        neighbours (the same left padding, the same numerics) as in an uninterrupted run, whatever the
+        two sizes; shards already finished are skipped whole.
+        """
+        missing = set(self.missing)
+        share = self.order[rank::world_size]
+        batches = []
+        for start in range(0, len(share), shard_size):
+            left = [i for i in share[start:start + shard_size] if i in missing]
+            batches += [left[b:b + batch_size] for b in range(0, len(left), batch_size)]
+        return batches
 
 
 def verified(root: Path, fingerprint: dict[str, Any]) -> bool:
@@ -182,7 +202,7 @@ def _ready_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool, repair
         print(f"[sahs] repairing {root}: {'; '.join(damage.problems)}")
     cache_io.prepare_folder(root, fingerprint, rebuild=rebuild)
     (root / "manifest.json").unlink(missing_ok=True)
-    for tmp in root.glob(".*.tmp"):
+    for tmp in root.glob(".*.json.*.tmp"):  # a manifest or fingerprint.json half written
         tmp.unlink()
     # Drops unfinished, truncated and corrupt shards, and shards that only repeat other shards' prompts.
     cache_io.drop_duplicate_shards(root, cache_io.finished_shards(root, verify=True))
@@ -215,7 +235,8 @@ def plan_extraction(root: Path, fingerprint: dict[str, Any], prompts: datasets.D
               f"extracting the other {len(missing)}")
     # Similar lengths share a batch, so left padding stays short (long jailbreak templates together).
     lengths = [len(text) for text in prompts["text"]]
-    return ExtractionPlan(done, sorted(missing, key=lambda i: (lengths[i], i)), repair=repair, lock=lock)
+    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    return ExtractionPlan(done, sorted(missing, key=lambda i: (lengths[i], i)), order, repair=repair, lock=lock)
 
 
 def finish_cache(root: Path, prompts: datasets.Dataset) -> None:
@@ -242,8 +263,9 @@ def ensure_cache(root: str | Path, model_cfg: ModelConfig, prompts: datasets.Dat
     plan = plan_extraction(root, fingerprint, prompts, rebuild=on_mismatch == "rebuild", repair=repair, rank=rank,
                            barrier=barrier, lock_timeout=settings.lock_timeout)
     try:
-        if plan.missing[rank::world_size]:
-            extract_into(root, model_cfg, prompts, plan.missing[rank::world_size], settings, rank, progress)
+        batches = plan.batches(rank, world_size, settings.shard_size, settings.batch_size)
+        if batches:
+            extract_into(root, model_cfg, prompts, batches, settings, rank, progress)
         barrier()
         if rank == 0 and not plan.reused:
             finish_cache(root, prompts)

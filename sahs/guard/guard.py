@@ -4,11 +4,13 @@ Hooks on the attention output projections of the detector's layers read the sele
 prompt position during the prefill forward that ``generate`` runs anyway. Right after that forward a
 stopping criterion scores every row: a flagged row stops there and its answer is the refusal; the
 others keep decoding from the same KV cache, token for token what plain ``generate`` would produce.
+A guard fails closed: a row whose score is not a finite number is flagged, and its result says why.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 
 from sahs.data.cache import fingerprint_diff
 from sahs.data.selection import model_name
+from sahs.errors import UserError
 from sahs.extract.adapters import find_adapter
 from sahs.extract.formatting import encode_batch
 from sahs.extract.hooks import HeadCapture, last_real_position
@@ -35,6 +38,22 @@ class DetectorMismatchError(ValueError):
     """The detector was trained on another model (or another head layout) than the one being guarded."""
 
 
+class GuardSettingError(UserError, ValueError):
+    """A guard option that cannot work (a batch of no prompts, no token to generate, a threshold not a number)."""
+
+
+def check_options(batch_size: int, max_new_tokens: int, threshold: float | None) -> None:
+    """Refuse options that would fail deep inside generation, or let every prompt through, before any model loads."""
+    if type(batch_size) is not int or batch_size < 1:
+        raise GuardSettingError(f"batch_size must be at least 1 (prompts per generate call), got {batch_size}")
+    if type(max_new_tokens) is not int or max_new_tokens < 1:
+        raise GuardSettingError(f"max_new_tokens must be at least 1 (the guard decides at the first token), "
+                                f"got {max_new_tokens}")
+    if threshold is not None and not (isinstance(threshold, int | float) and math.isfinite(threshold)):
+        raise GuardSettingError(f"threshold must be a finite number (scores are probabilities in [0, 1]), "
+                                f"got {threshold}")
+
+
 @dataclass
 class GuardResult:
     """One prompt's outcome: detector score, whether it was refused, and the answer given."""
@@ -44,9 +63,14 @@ class GuardResult:
     answer: str
     token_ids: list[int]
     """The generated tokens up to the first end-of-sequence token (empty for a refused prompt)."""
+    error: str | None = None
+    """Why the prompt was refused without a usable score (the detector gave NaN or inf), else None."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"score": self.score, "flagged": self.flagged, "answer": self.answer}
+        """Strict JSON: a score that is not finite is written as null, beside the error."""
+        out = {"score": self.score if math.isfinite(self.score) else None, "flagged": self.flagged,
+               "answer": self.answer}
+        return out | ({"error": self.error} if self.error else {})
 
 
 class _FirstTokenDecision(StoppingCriteria):
@@ -62,7 +86,8 @@ class _FirstTokenDecision(StoppingCriteria):
             activations = self.capture.collect()
             self.capture.remove()  # decoding runs without hooks
             self.scores = self.guard.score_activations(activations)
-            self.flagged = self.scores >= self.guard.threshold
+            # Fail closed: a NaN or infinite score (a NaN feature, an overflow) flags the prompt.
+            self.flagged = (self.scores >= self.guard.threshold) | ~torch.isfinite(self.scores)
         return self.flagged.to(input_ids.device)
 
 
@@ -126,6 +151,7 @@ class SafetyGuard:
             max_new_tokens: Default generation length.
             batch_size: Prompts per ``generate`` call.
         """
+        check_options(batch_size, max_new_tokens, threshold)
         check_model(detector, model_identity)
         selection = detector.features
         self.adapter = find_adapter(model)
@@ -150,6 +176,7 @@ class SafetyGuard:
     def load(cls, detector: str | Path, model: str | ModelConfig | None = None, *, device: str | None = None,
              **options: Any) -> SafetyGuard:
         """Load an exported detector and the model it names (or ``model``), and check that they belong together."""
+        check_options(options.get("batch_size", 8), options.get("max_new_tokens", 128), options.get("threshold"))
         artifact = DetectorArtifact.load(detector)
         config = model_config_for(artifact, model, **({"device": device} if device is not None else {}))
         identity = model_identity(config)
@@ -189,7 +216,8 @@ class SafetyGuard:
         for score, flagged, tokens in zip(decision.scores.tolist(), decision.flagged.tolist(), sequences.tolist()):
             tokens = [] if flagged else self._until_end(tokens)
             answer = self.refusal if flagged else self.processor.decode(tokens, skip_special_tokens=True)
-            results.append(GuardResult(score, flagged, answer, tokens))
+            error = None if math.isfinite(score) else f"the detector's score is {score}: refused (fail closed)"
+            results.append(GuardResult(score, flagged, answer, tokens, error))
         return results
 
     def _until_end(self, tokens: list[int]) -> list[int]:

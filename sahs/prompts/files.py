@@ -26,6 +26,9 @@ _SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parq
 class Columns:
     """Which column of the file holds each schema field; None means the file has no such column.
 
+    ``image`` and ``id`` are read from columns of those names when the file has them (a file without them
+    is fine); set them to None to ignore such a column, or to another name to read that one instead.
+
     Args:
         text: The prompt text.
         image: An image path (relative to the file), or an image column of a Parquet / hub dataset.
@@ -37,12 +40,16 @@ class Columns:
     """
 
     text: str = "text"
-    image: str | None = None
+    image: str | None = "image"
     label: str | None = "label"
     attack: str | None = None
     group: str | None = None
-    id: str | None = None
+    id: str | None = "id"
     category: str | None = None
+
+
+# Fields read from a column of this name if the file has one, and left out (not an error) if it has not.
+IF_PRESENT = {"image": "image", "id": "id"}
 
 
 class PromptFile(PromptSource):
@@ -114,7 +121,8 @@ class PromptFile(PromptSource):
     def load(self) -> datasets.Dataset:
         table, base = self.read()
         where = f"prompt file {self.path}"
-        mapping = {field: name for field, name in vars(self.columns).items() if name is not None}
+        mapping = {field: name for field, name in vars(self.columns).items() if name is not None
+                   and not (IF_PRESENT.get(field) == name and name not in table.column_names)}
         missing = {field: name for field, name in mapping.items() if name not in table.column_names}
         if missing:
             fields = ", ".join(f"columns.{field} = {name!r}" for field, name in missing.items())

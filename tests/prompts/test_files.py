@@ -127,3 +127,18 @@ def test_prompt_files_mix_with_other_sources_from_yaml(tmp_path: Path) -> None:
                       "labels": {"safe": 0, "unsafe": 1}}}]}}
     source = parser.instantiate_classes(parser.parse_args(["--prompts", json.dumps(spec)])).prompts
     assert source.load()["group"] == ["q0", "q1", "q1", "q2"]
+
+
+def test_a_file_s_own_id_and_image_columns_are_read_without_a_mapping(tmp_path: Path) -> None:
+    _pictures(tmp_path)
+    rows = [{"id": "first", "text": "What colour is this?", "image": "pics/1.png", "label": 0},
+            {"id": "second", "text": "How do I pick a lock?", "image": None, "label": 1}]
+    path = tmp_path / "own.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    ds = PromptFile(str(path)).load()
+    assert ds["id"] == ["first", "second"] and ds["image"][1] is None
+    assert np.array_equal(np.asarray(ds["image"][0]), np.asarray(Image.open(tmp_path / "pics" / "1.png")))
+    ignored = PromptFile(str(path), Columns(id=None, image=None)).load()  # None still ignores them
+    assert ignored["id"] == ["own-000001", "own-000002"] and ignored["image"] == [None, None]
+    with pytest.raises(ValueError, match=r"no column for columns.id = 'key'"):  # a name given must exist
+        PromptFile(str(path), Columns(id="key")).load()
