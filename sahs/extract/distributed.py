@@ -199,7 +199,7 @@ def extract_with_trainer(
     clashing = sorted(OWN_TRAINER_ARGS & set(trainer_kwargs))
     if clashing:
         raise ValueError(f"extraction sets the Trainer arguments {clashing} itself; leave them out")
-    prompt_set, root = PromptSet(prompts), Path(cache_dir)
+    prompt_set, root = PromptSet.of(prompts), Path(cache_dir)
     model_id = model_identity(model_cfg)
     if not repair and reusable(root, model_cfg, prompt_set, settings, model_id):
         return "reused"  # a cache made for this prompt source: nothing is rendered

@@ -62,7 +62,7 @@ def expected_fingerprint(model: ModelConfig, prompts: PromptSource | datasets.Da
     return {
         "format_version": cache_io.FORMAT_VERSION,
         "model": model_id if model_id is not None else model_identity(model),
-        "prompts": prompts_field if prompts_field is not None else PromptSet(prompts).field,
+        "prompts": prompts_field if prompts_field is not None else PromptSet.of(prompts).field,
         "extraction": {"hook": "o_proj_input", "position": "last_prompt_token",
                        "layers": sorted(set(settings.layers)) if settings.layers is not None else None,
                        "cache_dtype": settings.cache_dtype},
@@ -273,7 +273,7 @@ def ensure_cache(root: str | Path, model_cfg: ModelConfig, prompts: PromptSource
     Otherwise the prompts are rendered. With several ranks (inside an already launched job, e.g. a fit-time
     callback), each extracts every ``world_size``-th missing prompt and rank 0 writes the manifest.
     """
-    prompt_set, root = PromptSet(prompts), Path(root)
+    prompt_set, root = PromptSet.of(prompts), Path(root)
     model_id = model_identity(model_cfg)
     if not repair and reusable(root, model_cfg, prompt_set, settings, model_id):
         return "reused"

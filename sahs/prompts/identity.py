@@ -194,13 +194,16 @@ class PromptSet:
     def __init__(self, source: Any) -> None:
         from sahs.prompts.schema import PromptSource
 
-        if isinstance(source, PromptSet):
-            source = source.source
         if not isinstance(source, (PromptSource, datasets.Dataset)):
             raise TypeError(f"a prompt set is a PromptSource or a datasets.Dataset, got {type(source).__name__}")
         self.source = source
         if isinstance(source, datasets.Dataset):
             self.__dict__["rows"] = source
+
+    @classmethod
+    def of(cls, prompts: Any) -> PromptSet:
+        """``prompts`` itself if it is a ``PromptSet`` (so that it renders once), else one around it."""
+        return prompts if isinstance(prompts, PromptSet) else cls(prompts)
 
     @cached_property
     def digest(self) -> str | None:
