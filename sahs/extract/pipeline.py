@@ -52,8 +52,8 @@ class ExtractionInputError(UserError, ValueError):
 
 
 def expected_fingerprint(model: ModelConfig, prompts: PromptSource | datasets.Dataset | PromptSet,
-                         settings: ExtractionSettings, *, model_id: dict[str, Any] | None = None,
-                         prompts_field: dict[str, Any] | None = None) -> dict[str, Any]:
+                         settings: ExtractionSettings, *, prompts_field: dict[str, Any] | None = None
+                         ) -> dict[str, Any]:
     """Everything that changes the cache's content; batch size, shard size and the lock timeout do not.
 
     The ``prompts`` field is ``PromptSet.field`` (which renders the set) unless ``prompts_field`` is given:
@@ -61,7 +61,7 @@ def expected_fingerprint(model: ModelConfig, prompts: PromptSource | datasets.Da
     """
     return {
         "format_version": cache_io.FORMAT_VERSION,
-        "model": model_id if model_id is not None else model_identity(model),
+        "model": model_identity(model),
         "prompts": prompts_field if prompts_field is not None else PromptSet.of(prompts).field,
         "extraction": {"hook": "o_proj_input", "position": "last_prompt_token",
                        "layers": sorted(set(settings.layers)) if settings.layers is not None else None,
@@ -77,16 +77,14 @@ def _recorded_prompts(root: Path) -> Any:
         return None  # reported when the cache is opened
 
 
-def reusable(root: Path, model: ModelConfig, prompts: PromptSet, settings: ExtractionSettings,
-             model_id: dict[str, Any]) -> bool:
+def reusable(root: Path, model: ModelConfig, prompts: PromptSet, settings: ExtractionSettings) -> bool:
     """A finished, intact cache whose fingerprint names this prompt source's identity: reused unrendered."""
     field = prompts.same_source(_recorded_prompts(root))
-    return field is not None and verified(root, expected_fingerprint(model, prompts, settings, model_id=model_id,
-                                                                     prompts_field=field))
+    return field is not None and verified(root, expected_fingerprint(model, prompts, settings, prompts_field=field))
 
 
 def rendered_fingerprint(root: Path, model: ModelConfig, prompts: PromptSet, settings: ExtractionSettings,
-                         model_id: dict[str, Any], note: bool = True) -> dict[str, Any]:
+                         note: bool = True) -> dict[str, Any]:
     """The fingerprint of the rendered set. A cache in ``root`` whose rows hash the same keeps its recorded
     field (made before identities were recorded, or by an edit that renders the same rows), with a note."""
     recorded = _recorded_prompts(root)
@@ -95,8 +93,8 @@ def rendered_fingerprint(root: Path, model: ModelConfig, prompts: PromptSet, set
             print(f"[sahs] {root}: the prompt set was rendered to check this cache (same rows, but the cache "
                   "does not record this prompt source's definition); re-extract into a new cache_dir to reuse "
                   "it without rendering")
-        return expected_fingerprint(model, prompts, settings, model_id=model_id, prompts_field=recorded)
-    return expected_fingerprint(model, prompts, settings, model_id=model_id)
+        return expected_fingerprint(model, prompts, settings, prompts_field=recorded)
+    return expected_fingerprint(model, prompts, settings)
 
 
 def check_inputs(prompts: datasets.Dataset, settings: ExtractionSettings) -> None:
@@ -274,12 +272,11 @@ def ensure_cache(root: str | Path, model_cfg: ModelConfig, prompts: PromptSource
     callback), each extracts every ``world_size``-th missing prompt and rank 0 writes the manifest.
     """
     prompt_set, root = PromptSet.of(prompts), Path(root)
-    model_id = model_identity(model_cfg)
-    if not repair and reusable(root, model_cfg, prompt_set, settings, model_id):
+    if not repair and reusable(root, model_cfg, prompt_set, settings):
         return "reused"
     rows = prompt_set.rows
     check_inputs(rows, settings)
-    fingerprint = rendered_fingerprint(root, model_cfg, prompt_set, settings, model_id, note=rank == 0)
+    fingerprint = rendered_fingerprint(root, model_cfg, prompt_set, settings, note=rank == 0)
     if not repair and verified(root, fingerprint):
         return "reused"
     plan = plan_extraction(root, fingerprint, rows, rebuild=on_mismatch == "rebuild", repair=repair, rank=rank,

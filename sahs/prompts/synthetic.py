@@ -20,7 +20,7 @@ from sahs.prompts.attacks import ATTACK_FAMILIES, build_attacks
 from sahs.prompts.benign import benign_requests
 from sahs.prompts.identity import RowHasher, describe, rows_digest
 from sahs.prompts.render import font_identity
-from sahs.prompts.schema import PromptSource, Provenance, make_dataset
+from sahs.prompts.schema import FEATURES, PromptSource, Provenance, make_dataset
 from sahs.prompts.seeds import DONOTANSWER_AREAS, SEED_SOURCES, Seed, harmful_seeds, jailbreak_templates, normalise
 from sahs.prompts.tuning import evaluation_seeds
 
@@ -124,7 +124,9 @@ class AttackSet(PromptSource):
         records = []
         for row in self.plan():
             prompt = attacks[row.attack].apply(row.seed.text, self._rng(row))
-            records.append(dict(id=row.id, text=prompt.text, image=prompt.image, label=row.label,
+            # Encoded at once, as the dataset stores it: a thousand drawn 760 px images would hold 1.7 GB.
+            image = None if prompt.image is None else FEATURES["image"].encode_example(prompt.image)
+            records.append(dict(id=row.id, text=prompt.text, image=image, label=row.label,
                                 attack=row.attack, source=row.seed.source, category=row.seed.category,
                                 group=row.group))
         return make_dataset(records)
