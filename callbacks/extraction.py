@@ -15,8 +15,9 @@ from sahs.prompts import DemoPrompts, PromptSource
 class ActivationExtraction(L.Callback):
     """Runs the frozen model over the prompt set once, writing the DataModule's cache.
 
-    The model is loaded only when the cache is missing or stale, kept in eval mode with no grads,
-    and released before training starts. With several devices every rank extracts its share. A cache
+    The model is loaded, and the prompt set rendered, only when the cache is missing or stale (a cache
+    made for the same prompt source is recognised by its identity, without rendering); the model is kept
+    in eval mode with no grads and released before training starts. With several devices every rank extracts its share. A cache
     that is reused is verified first; a damaged one stops the run, naming ``sahs cache repair``.
     """
 
@@ -47,7 +48,7 @@ class ActivationExtraction(L.Callback):
              barrier: Callable[[], None] = lambda: None) -> str:
         """Make ``cache_dir`` hold this model's activations for the prompt set; usable without a Trainer."""
         self.status = ensure_cache(
-            cache_dir, self.model, self.prompts.load(), self.extraction, on_mismatch=self.on_mismatch,
+            cache_dir, self.model, self.prompts, self.extraction, on_mismatch=self.on_mismatch,
             rank=rank, world_size=world_size, barrier=barrier, progress=self.progress and rank == 0,
         )
         if rank == 0:

@@ -39,7 +39,7 @@ def _repair(argv: list[str]) -> None:
         raise SystemExit("sahs: error: this config has no sahs.callbacks.ActivationExtraction in trainer.callbacks: "
                          "it names no model or prompt set to re-extract with")
     callback = run.extraction
-    status = extract_with_trainer(folder, callback.model, callback.prompts.load(), callback.extraction,
+    status = extract_with_trainer(folder, callback.model, callback.prompts, callback.extraction,
                                   repair=True, progress=callback.progress, **run.devices)
     report = verify_cache(folder)
     if not report.ok:

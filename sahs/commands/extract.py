@@ -17,6 +17,6 @@ def main(argv: list[str]) -> None:
                          "it names no model or prompt set to extract")
     callback = run.extraction
     status = extract_with_trainer(
-        run.datamodule.cache_dir, callback.model, callback.prompts.load(), callback.extraction,
+        run.datamodule.cache_dir, callback.model, callback.prompts, callback.extraction,
         on_mismatch=callback.on_mismatch, progress=callback.progress, **run.devices)
     print(f"[sahs] activation cache {status}: {run.datamodule.cache_dir}")

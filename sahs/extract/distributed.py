@@ -26,7 +26,8 @@ from sahs.data import cache as cache_io
 from sahs.extract.adapters import find_adapter
 from sahs.extract.hooks import HeadCapture
 from sahs.extract.models import ModelConfig, load_model, release
-from sahs.prompts.schema import read_image
+from sahs.prompts.identity import PromptSet
+from sahs.prompts.schema import PromptSource, read_image
 from sahs.extract.pipeline import (
     CACHE_DTYPES,
     ExtractionPlan,
@@ -34,9 +35,10 @@ from sahs.extract.pipeline import (
     cache_layout,
     capture_batch,
     check_inputs,
-    expected_fingerprint,
     finish_cache,
     plan_extraction,
+    rendered_fingerprint,
+    reusable,
     undecoded,
     verified,
 )
@@ -191,7 +193,7 @@ class ShardPredictionWriter(BasePredictionWriter):
 def extract_with_trainer(
     cache_dir: str | Path,
     model_cfg: ModelConfig,
-    prompts: datasets.Dataset,
+    prompts: PromptSource | datasets.Dataset | PromptSet,
     settings: ExtractionSettings,
     *,
     on_mismatch: Literal["error", "rebuild"] = "error",
@@ -206,8 +208,8 @@ def extract_with_trainer(
     """Fill ``cache_dir`` with a Lightning predict run; returns reused, built, resumed or repaired.
 
     The same rules as ``ensure_cache``: a finished cache with the same fingerprint is verified and reused
-    without loading the model (a damaged one is refused unless ``repair``), another one is refused
-    (``on_mismatch="error"``) or rebuilt, and prompts in finished shards are skipped. With
+    without loading the model (nor rendering the prompts, when it was made for this prompt source); a
+    damaged one is refused unless ``repair``; another one is refused (``on_mismatch="error"``) or rebuilt, and prompts in finished shards are skipped. With
     ``strategy="ddp"`` every process runs this function (Lightning relaunches the script); the model's
     device comes from the Trainer, its dtype from ``model_cfg``. ``resumed`` means that finished shards
     were there before the run. Other keyword arguments go to ``lightning.Trainer`` (e.g. ``plugins`` for
@@ -216,9 +218,12 @@ def extract_with_trainer(
     clashing = sorted(OWN_TRAINER_ARGS & set(trainer_kwargs))
     if clashing:
         raise ValueError(f"extraction sets the Trainer arguments {clashing} itself; leave them out")
+    prompt_set, root = PromptSet.of(prompts), Path(cache_dir)
+    if not repair and reusable(root, model_cfg, prompt_set, settings):
+        return "reused"  # a cache made for this prompt source: nothing is rendered
+    prompts = prompt_set.rows
     check_inputs(prompts, settings)
-    root = Path(cache_dir)
-    fingerprint = expected_fingerprint(model_cfg, prompts, settings)
+    fingerprint = rendered_fingerprint(root, model_cfg, prompt_set, settings)
     if not repair and verified(root, fingerprint):
         return "reused"
     rebuild = on_mismatch == "rebuild"

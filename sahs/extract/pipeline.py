@@ -24,7 +24,8 @@ from sahs.extract.adapters import ModelAdapter, find_adapter
 from sahs.extract.formatting import encode_batch
 from sahs.extract.hooks import HeadCapture, last_real_position
 from sahs.extract.models import ModelConfig, load_model, model_identity, release
-from sahs.prompts.schema import prompt_set_hash, read_image
+from sahs.prompts.identity import PromptSet
+from sahs.prompts.schema import PromptSource, read_image
 
 CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -50,16 +51,50 @@ class ExtractionInputError(UserError, ValueError):
     """A prompt set or extraction setting that cannot give a cache."""
 
 
-def expected_fingerprint(model: ModelConfig, prompts: datasets.Dataset, settings: ExtractionSettings) -> dict[str, Any]:
-    """Everything that changes the cache's content; batch size, shard size and the lock timeout do not."""
+def expected_fingerprint(model: ModelConfig, prompts: PromptSource | datasets.Dataset | PromptSet,
+                         settings: ExtractionSettings, *, prompts_field: dict[str, Any] | None = None
+                         ) -> dict[str, Any]:
+    """Everything that changes the cache's content; batch size, shard size and the lock timeout do not.
+
+    The ``prompts`` field is ``PromptSet.field`` (which renders the set) unless ``prompts_field`` is given:
+    the field recorded by a cache whose prompt set is known to be this one.
+    """
     return {
         "format_version": cache_io.FORMAT_VERSION,
         "model": model_identity(model),
-        "prompts": {"sha256": prompt_set_hash(prompts), "count": len(prompts)},
+        "prompts": prompts_field if prompts_field is not None else PromptSet.of(prompts).field,
         "extraction": {"hook": "o_proj_input", "position": "last_prompt_token",
                        "layers": sorted(set(settings.layers)) if settings.layers is not None else None,
                        "cache_dtype": settings.cache_dtype},
     }
+
+
+def _recorded_prompts(root: Path) -> Any:
+    """The ``prompts`` field of the fingerprint already in ``root`` (None if absent or unreadable)."""
+    try:
+        return (cache_io.read_fingerprint(root) or {}).get("prompts")
+    except cache_io.CacheDamagedError:
+        return None  # reported when the cache is opened
+
+
+def reusable(root: Path, model: ModelConfig, prompts: PromptSet, settings: ExtractionSettings) -> bool:
+    """A finished, intact cache whose fingerprint names this prompt source's identity: reused unrendered."""
+    field = prompts.same_source(_recorded_prompts(root))
+    return field is not None and verified(root, expected_fingerprint(model, prompts, settings, prompts_field=field))
+
+
+def rendered_fingerprint(root: Path, model: ModelConfig, prompts: PromptSet, settings: ExtractionSettings,
+                         note: bool = True) -> dict[str, Any]:
+    """The fingerprint of the rendered set. A cache in ``root`` whose rows hash the same keeps its recorded
+    field (made before identities were recorded, or by an edit that renders the same rows), with a note."""
+    recorded = _recorded_prompts(root)
+    if prompts.same_source(recorded) is None and prompts.same_rows(recorded):
+        if note and prompts.digest is not None:
+            print(f"[sahs] {root}: the prompt set was rendered to check this cache (same rows, but the cache "
+                  "does not record this prompt source's definition); re-extract into a new cache_dir to reuse "
+                  "it without rendering")
+        return expected_fingerprint(model, prompts, settings, prompts_field=recorded)
+    return expected_fingerprint(model, prompts, settings)
 
 
 def check_inputs(prompts: datasets.Dataset, settings: ExtractionSettings) -> None:
@@ -245,30 +280,35 @@ def finish_cache(root: Path, prompts: datasets.Dataset) -> None:
         [c for c in cache_io.META_COLUMNS if c in prompts.column_names]))
 
 
-def ensure_cache(root: str | Path, model_cfg: ModelConfig, prompts: datasets.Dataset, settings: ExtractionSettings,
-                 *, on_mismatch: Literal["error", "rebuild"] = "error", repair: bool = False, rank: int = 0,
-                 world_size: int = 1, barrier: Callable[[], None] = lambda: None, progress: bool = True) -> str:
+def ensure_cache(root: str | Path, model_cfg: ModelConfig, prompts: PromptSource | datasets.Dataset | PromptSet,
+                 settings: ExtractionSettings, *, on_mismatch: Literal["error", "rebuild"] = "error",
+                 repair: bool = False, rank: int = 0, world_size: int = 1, barrier: Callable[[], None] = lambda: None,
+                 progress: bool = True) -> str:
     """Make ``root`` hold this model's activations for ``prompts``; returns reused, built, resumed or repaired.
 
-    A finished cache with the same fingerprint is verified and reused without loading the model; a
-    damaged one is refused (``CacheDamagedError``) unless ``repair``, which re-extracts only the rows of
-    bad or missing shards. With several ranks (inside an already launched job, e.g. a fit-time
+    A finished cache made for the same prompt source (its identity, stated without rendering) is verified
+    and reused without loading the model or rendering the prompts; a damaged one is refused
+    (``CacheDamagedError``) unless ``repair``, which re-extracts only the rows of bad or missing shards.
+    Otherwise the prompts are rendered. With several ranks (inside an already launched job, e.g. a fit-time
     callback), each extracts every ``world_size``-th missing prompt and rank 0 writes the manifest.
     """
-    check_inputs(prompts, settings)
-    root = Path(root)
-    fingerprint = expected_fingerprint(model_cfg, prompts, settings)
+    prompt_set, root = PromptSet.of(prompts), Path(root)
+    if not repair and reusable(root, model_cfg, prompt_set, settings):
+        return "reused"
+    rows = prompt_set.rows
+    check_inputs(rows, settings)
+    fingerprint = rendered_fingerprint(root, model_cfg, prompt_set, settings, note=rank == 0)
     if not repair and verified(root, fingerprint):
         return "reused"
-    plan = plan_extraction(root, fingerprint, prompts, rebuild=on_mismatch == "rebuild", repair=repair, rank=rank,
+    plan = plan_extraction(root, fingerprint, rows, rebuild=on_mismatch == "rebuild", repair=repair, rank=rank,
                            barrier=barrier, lock_timeout=settings.lock_timeout)
     try:
         batches = plan.batches(rank, world_size, settings.shard_size, settings.batch_size)
         if batches:
-            extract_into(root, model_cfg, prompts, batches, settings, rank, progress)
+            extract_into(root, model_cfg, rows, batches, settings, rank, progress)
         barrier()
         if rank == 0 and not plan.reused:
-            finish_cache(root, prompts)
+            finish_cache(root, rows)
         barrier()
     finally:
         plan.release()

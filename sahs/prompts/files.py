@@ -7,19 +7,64 @@ file's folder. Every error names the file, the row (counted from 1, header exclu
 
 from __future__ import annotations
 
+import json
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import datasets
+from datasets.exceptions import DatasetGenerationError
 from PIL import Image
 
+from sahs.errors import UserError
 from sahs.prompts.benchmarks.base import OnBadImage, image_problem
+from sahs.prompts.identity import RowHasher, describe
 from sahs.prompts.schema import LABEL_NAMES, PromptSource, make_dataset
 
 FileFormat = Literal["auto", "json", "csv", "parquet", "hub"]
 _SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class PromptFileError(UserError, ValueError):
+    """A prompt file that cannot be read as prompts: empty, malformed, or without a mapped column."""
+
+
+class PromptFileNotFoundError(UserError, FileNotFoundError):
+    """A prompt file path that names no file."""
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """Where a JSON Lines file first fails to parse as one object per line, or None if every line does."""
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.strip())
+            except json.JSONDecodeError as error:
+                return f"line {number} (character {error.colno}): {error.msg}"
+            if not isinstance(value, dict):
+                return f"line {number}: a JSON {type(value).__name__}, not an object"
+    return None
+
+
+def unreadable_file(path: Path, fmt: str, error: BaseException) -> PromptFileError:
+    """One line for a file that ``datasets`` cannot parse: the line at fault for JSON Lines, else the parser's reason."""
+    if fmt == "json":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))  # one JSON document (a list of rows) parses whole
+        except (ValueError, UnicodeDecodeError):
+            if (where := _bad_json_line(path)) is not None:
+                return PromptFileError(f"prompt file {path}, {where}: not a valid JSON object; write one JSON "
+                                       "object per line, e.g. {\"text\": \"...\", \"label\": 0}, and fix that line")
+    cause: BaseException = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    reason = " ".join(str(cause).split()) or type(cause).__name__
+    return PromptFileError(f"prompt file {path} cannot be read as {fmt}: {reason}; fix the file, or set `format` "
+                           "if its suffix misleads")
 
 
 @dataclass
@@ -115,10 +160,24 @@ class PromptFile(PromptSource):
             table = datasets.load_dataset(self.path, name=self.subset, split=self.split, revision=self.revision)
             return table, (local if local.is_dir() else None)
         if not local.is_file():
-            raise FileNotFoundError(f"prompt file {local} not found; set `path` to a .jsonl, .csv or .parquet file")
-        return datasets.load_dataset(fmt, data_files=str(local), split="train"), local.parent
+            raise PromptFileNotFoundError(f"prompt file {local} not found; set `path` to a .jsonl, .csv or "
+                                          ".parquet file")
+        empty = PromptFileError(f"prompt file {local} holds no prompts: write one prompt per line (JSONL) or "
+                                "row (CSV), or set `path` to another file")
+        if local.stat().st_size == 0:
+            raise empty
+        try:
+            table = datasets.load_dataset(fmt, data_files=str(local), split="train")
+        except (DatasetGenerationError, StopIteration, ValueError) as error:
+            if isinstance(error, StopIteration) or "corresponds to no data" in str(error):
+                raise empty from None  # a file of blank lines
+            raise unreadable_file(local, fmt, error) from None
+        if len(table) == 0:
+            raise empty
+        return table, local.parent
 
-    def load(self) -> datasets.Dataset:
+    def _records(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Each row of the file as a schema record (images not yet read), with where it is for messages."""
         table, base = self.read()
         where = f"prompt file {self.path}"
         mapping = {field: name for field, name in vars(self.columns).items() if name is not None
@@ -126,27 +185,44 @@ class PromptFile(PromptSource):
         missing = {field: name for field, name in mapping.items() if name not in table.column_names}
         if missing:
             fields = ", ".join(f"columns.{field} = {name!r}" for field, name in missing.items())
-            raise ValueError(f"{where} has no column for {fields}; its columns are {table.column_names}")
+            fix = ("; or, for a file of one class, set `columns.label: null` and `label: 0` or `label: 1`"
+                   if "label" in missing else "")
+            raise PromptFileError(f"{where} has no column for {fields}; its columns are {table.column_names}: "
+                                  f"name the right ones in `columns`{fix}")
         image_column = mapping.get("image")
         if image_column and isinstance(table.features[image_column], datasets.Image):
             table = table.cast_column(image_column, datasets.Image(decode=False))  # {bytes, path}, read below
         source = self.source or Path(str(self.path).rstrip("/")).stem or "prompts"
-        records, bad = [], []
         for index, row in enumerate(table.select_columns(sorted(set(mapping.values())))):
             at = f"{where}, row {index + 1}"
-            record = self._record(row, mapping, source, index, at, base)
+            yield at, self._record(row, mapping, source, index, at, base)
+
+    def load(self) -> datasets.Dataset:
+        records, bad = [], []
+        image_column = self.columns.image
+        for at, record in self._records():
             problem = image_problem(record["image"]) if isinstance(record["image"], dict) else None
             if problem is not None:
                 bad.append(f"{at}, column {image_column!r}: {problem}")
                 continue
             records.append(record)
         if bad and self.on_bad_image == "error":
-            raise ValueError(f"{len(bad)} prompts have a missing or unreadable image: {'; '.join(bad[:10])}. "
-                             "Fix the paths (relative ones are read from the file's folder) or set on_bad_image: skip")
+            raise PromptFileError(f"{len(bad)} prompts have a missing or unreadable image: {'; '.join(bad[:10])}. "
+                                  "Fix the paths (relative ones are read from the file's folder) or set "
+                                  "on_bad_image: skip")
         if bad:
             warnings.warn(f"dropped {len(bad)} prompts with a missing or unreadable image: {'; '.join(bad[:10])}",
                           stacklevel=2)
         return make_dataset(records)
+
+    identity_ignores = ("path",)  # where the file is; its rows (with the source name taken from it) are hashed
+
+    def identity(self) -> dict[str, Any]:
+        """The file's rows as mapped to the schema, images by their bytes: the file is read, nothing is drawn."""
+        hasher = RowHasher()
+        for _, record in self._records():
+            hasher.add(record)
+        return describe(self, {"rows": hasher.hexdigest(), "count": hasher.count})
 
     def _record(self, row: dict[str, Any], mapping: dict[str, str], source: str, index: int, at: str,
                 base: Path | None) -> dict[str, Any]:
@@ -158,7 +234,7 @@ class PromptFile(PromptSource):
             value = row[mapping[field]]
             if value is None or (isinstance(value, float) and value != value) or str(value).strip() == "":
                 if field == "text":
-                    raise ValueError(f"{at}, column {mapping[field]!r}: the text is empty")
+                    raise PromptFileError(f"{at}, column {mapping[field]!r}: the text is empty")
                 return default
             return str(value)
 
@@ -179,7 +255,7 @@ class PromptFile(PromptSource):
         if self.labels is not None:
             key = str(value).strip()
             if key not in self.labels:
-                raise ValueError(f"{at}, column {column!r}: label {value!r} is not in labels {sorted(self.labels)}; "
+                raise PromptFileError(f"{at}, column {column!r}: label {value!r} is not in labels {sorted(self.labels)}; "
                                  "add it to `labels`")
             return self.labels[key]
         if isinstance(value, bool):
@@ -189,7 +265,7 @@ class PromptFile(PromptSource):
         if isinstance(value, str) and value.strip().lower() in ("0", "1", *LABEL_NAMES):
             key = value.strip().lower()
             return int(key) if key in ("0", "1") else LABEL_NAMES.index(key)
-        raise ValueError(f"{at}, column {column!r}: label {value!r} is not 0/1 or benign/malicious; "
+        raise PromptFileError(f"{at}, column {column!r}: label {value!r} is not 0/1 or benign/malicious; "
                          "map string labels with `labels`, e.g. {safe: 0, unsafe: 1}")
 
     def _image(self, value: Any, base: Path | None, at: str, column: str) -> dict[str, Any] | Image.Image | None:
@@ -204,7 +280,7 @@ class PromptFile(PromptSource):
                 return {"bytes": value["bytes"], "path": None}
             value = value["path"]
         if not isinstance(value, str):
-            raise ValueError(f"{at}, column {column!r}: expected an image path or image, got {type(value).__name__}")
+            raise PromptFileError(f"{at}, column {column!r}: expected an image path or image, got {type(value).__name__}")
         path = Path(value).expanduser()
         if not path.is_absolute() and base is not None:
             path = base / path

@@ -36,6 +36,17 @@ def font_path() -> str | None:
     return next((p for p in FONT_CANDIDATES if Path(p).is_file()), None)
 
 
+def font_identity() -> dict[str, str | None]:
+    """What the drawn images depend on besides the code: the font file's sha256 and FreeType's version."""
+    from PIL import features
+
+    from sahs.prompts.identity import file_digest
+
+    path = font_path()
+    return {"font": path, "font_sha256": file_digest(path) if path else None,
+            "freetype": features.version("freetype2")}
+
+
 @lru_cache(maxsize=32)
 def load_font(size: int) -> FontType:
     """The rendering font at ``size`` points (FreeMono Bold, else DejaVu Sans Mono Bold, else Pillow's)."""

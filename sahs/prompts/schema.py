@@ -17,12 +17,13 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import datasets
 from PIL import Image, UnidentifiedImageError
 
 from sahs.errors import UserError
+from sahs.prompts.identity import Unstated, describe, file_digest, identity_digest
 
 COLUMNS = ("id", "text", "image", "label", "attack", "source", "category", "group")
 TEXT_COLUMNS = ("id", "text", "label", "attack", "source", "category", "group")
@@ -47,6 +48,10 @@ class BadImageError(UserError, ValueError):
 
 class EmptyPromptSetError(UserError, ValueError):
     """A prompt set with no prompts where prompts are needed."""
+
+
+class SavedSetNotFoundError(UserError, FileNotFoundError):
+    """A ``SavedPrompts`` path that holds no saved prompt set."""
 
 
 PROVENANCE_FILE = "provenance.jsonl"  # per-row licence and origin, beside a saved set
@@ -184,9 +189,28 @@ def prompt_set_hash(ds: datasets.Dataset, batch_size: int = 256) -> str:
 class PromptSource(ABC):
     """A configurable producer of one prompt set."""
 
+    identity_ignores: ClassVar[tuple[str, ...]] = ()
+    """Arguments that only say where inputs are (a folder) while ``identity`` hashes what is read there."""
+
     @abstractmethod
     def load(self) -> datasets.Dataset:
         """Return the prompt set (columns of ``FEATURES``)."""
+
+    def identity(self) -> dict[str, Any] | None:
+        """What the rendered rows depend on, stated without rendering them (``sahs.prompts.identity``).
+
+        None means this source cannot state it: a cache of it is then checked by rendering and hashing its rows.
+        """
+        return None
+
+    def digest(self) -> str | None:
+        """sha256 of ``identity()``; None when the source cannot state one (a definition holding something
+        unhashable, or inputs that cannot be read, which ``load`` then reports)."""
+        try:
+            identity = self.identity()
+        except (Unstated, OSError):
+            return None
+        return None if identity is None else identity_digest(identity)
 
     def provenance(self) -> dict[str, Provenance]:
         """Licence and origin of each row, keyed by id; empty when the source does not record them."""
@@ -226,6 +250,9 @@ class Mixture(PromptSource):
     def provenance(self) -> dict[str, Provenance]:
         return {rid: p for source in self.sources for rid, p in source.provenance().items()}
 
+    def identity(self) -> dict[str, Any] | None:
+        return describe(self, {})  # each source's identity is part of the arguments
+
 
 
 class SavedPrompts(PromptSource):
@@ -241,7 +268,7 @@ class SavedPrompts(PromptSource):
     def load(self) -> datasets.Dataset:
         folder = Path(self.path).expanduser()
         if not (folder / "dataset_info.json").is_file():
-            raise FileNotFoundError(
+            raise SavedSetNotFoundError(
                 f"{folder} holds no saved prompt set (no dataset_info.json); "
                 "build one with `sahs data build --config configs/data/offline.yaml`"
             )
@@ -250,6 +277,15 @@ class SavedPrompts(PromptSource):
             raise EmptyPromptSetError(f"the saved prompt set at {folder} holds no prompts: rebuild it "
                                       "(`sahs data build`) or point `path` at another set")
         return check_schema(datasets.load_from_disk(str(folder)), f"saved prompt set {folder}")
+
+    identity_ignores = ("path",)
+
+    def identity(self) -> dict[str, Any] | None:
+        """The bytes of the set's own files (its arrow data, schema and state), wherever the folder is."""
+        folder = Path(self.path).expanduser()
+        state = json.loads((folder / "state.json").read_text())
+        names = ["dataset_info.json", "state.json", *(f["filename"] for f in state.get("_data_files", []))]
+        return describe(self, {"files": {name: file_digest(folder / name) for name in names}})
 
     def provenance(self) -> dict[str, Provenance]:
         file = Path(self.path).expanduser() / PROVENANCE_FILE

@@ -8,17 +8,20 @@ text is shared between a held-out family and the families a detector was trained
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import datasets
 
 from sahs.prompts.attacks import ATTACK_FAMILIES, build_attacks
 from sahs.prompts.benign import benign_requests
-from sahs.prompts.schema import PromptSource, Provenance, make_dataset
-from sahs.prompts.seeds import DONOTANSWER_AREAS, SEED_SOURCES, Seed, harmful_seeds, normalise
+from sahs.prompts.identity import RowHasher, describe, rows_digest
+from sahs.prompts.render import font_identity
+from sahs.prompts.schema import FEATURES, PromptSource, Provenance, make_dataset
+from sahs.prompts.seeds import DONOTANSWER_AREAS, SEED_SOURCES, Seed, harmful_seeds, jailbreak_templates, normalise
 from sahs.prompts.tuning import evaluation_seeds
 
 AttackName = Literal["text", "figstep", "typo", "template", "rephrase"]
@@ -121,10 +124,27 @@ class AttackSet(PromptSource):
         records = []
         for row in self.plan():
             prompt = attacks[row.attack].apply(row.seed.text, self._rng(row))
-            records.append(dict(id=row.id, text=prompt.text, image=prompt.image, label=row.label,
+            # Encoded at once, as the dataset stores it: a thousand drawn 760 px images would hold 1.7 GB.
+            image = None if prompt.image is None else FEATURES["image"].encode_example(prompt.image)
+            records.append(dict(id=row.id, text=prompt.text, image=image, label=row.label,
                                 attack=row.attack, source=row.seed.source, category=row.seed.category,
                                 group=row.group))
         return make_dataset(records)
+
+    identity_ignores = ("cache_dir",)  # the seeds read there are hashed, in the plan
+
+    def identity(self) -> dict[str, Any]:
+        """The plan (every row's id, family, label, group and request), the templates, the font: no rendering."""
+        plan = RowHasher()
+        for row in self.plan():
+            plan.add(dict(id=row.id, attack=row.attack, label=row.label, group=row.group, text=row.seed.text,
+                          source=row.seed.source, category=row.seed.category))
+        inputs: dict[str, Any] = {"plan": plan.hexdigest(), "rows": plan.count}
+        if "template" in self.attacks:
+            inputs["templates"] = rows_digest(dataclasses.asdict(t) for t in jailbreak_templates(self.cache_dir))
+        if {"figstep", "typo"} & set(self.attacks):
+            inputs["font"] = font_identity()
+        return describe(self, inputs)
 
     def provenance(self) -> dict[str, Provenance]:
         # Only templates add third-party text; replaying their choice is cheap (nothing is rendered).

@@ -15,6 +15,8 @@ import pytest
 from PIL import Image
 
 from sahs.prompts.attacks import FIGSTEP_PROMPT
+from sahs.errors import UserError
+from sahs.prompts.benchmarks.base import BenchmarkNotFoundError
 from sahs.prompts.benchmarks import HADES, MMVet, FigStepSafeBench, JailbreakV28K, MMSafetyBench, VLGuard, XSTest
 from sahs.prompts.build import build_parser
 
@@ -83,6 +85,16 @@ def test_mmsafetybench_missing_files_name_the_path_and_home(mmsb: Path) -> None:
     (mmsb / "imgs" / SCENARIO / "SD").rmdir()
     with pytest.raises(FileNotFoundError, match=r"imgs/01-Illegal_Activitiy/SD"):
         MMSafetyBench(str(mmsb), scenarios=[SCENARIO]).load()
+
+
+def test_a_benchmark_not_downloaded_is_one_line_naming_the_path_and_the_fix(tmp_path: Path) -> None:
+    for source in (MMSafetyBench(str(tmp_path / "mmsb")), HADES(str(tmp_path / "hades")),
+                   XSTest(str(tmp_path / "xstest")), MMVet(str(tmp_path / "mm-vet"))):
+        with pytest.raises(BenchmarkNotFoundError) as error:
+            source.load()
+        line = str(error.value)
+        assert isinstance(error.value, UserError) and "\n" not in line
+        assert str(tmp_path) in line and source.home in line and "--benchmarks_root" in line
 
 
 def test_bad_images_stop_the_run_or_are_skipped_with_their_ids(mmsb: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from sahs.errors import UserError
 from sahs.prompts import Columns, Mixture, PromptFile
+from sahs.prompts.files import PromptFileError, PromptFileNotFoundError
 from sahs.prompts.schema import FEATURES
 
 COLOURS = [(200, 10, 10), (10, 200, 10), (10, 10, 200)]
@@ -112,6 +115,46 @@ def test_errors_name_the_row_and_the_column(tmp_path: Path) -> None:
         PromptFile(str(blank), MAPPING, labels={"safe": 0}).load()
     with pytest.raises(FileNotFoundError, match="not found"):
         PromptFile(str(tmp_path / "nowhere.jsonl"), format="json").load()
+
+
+def _one_line_user_error(error: BaseException) -> str:
+    assert isinstance(error, UserError) and "\n" not in str(error), repr(error)
+    return str(error)
+
+
+def test_unreadable_files_are_one_line_errors_naming_the_line_and_the_fix(tmp_path: Path) -> None:
+    malformed = tmp_path / "malformed.jsonl"
+    malformed.write_text('{"text": "a", "label": 0}\n\n{"text": "b", "label": 1\n{"text": "c", "label": 0}\n')
+    with pytest.raises(PromptFileError) as error:
+        PromptFile(str(malformed)).load()
+    assert re.search(r"malformed\.jsonl, line 3 .*not a valid JSON object.*fix that line", _one_line_user_error(error.value))
+    not_objects = tmp_path / "lists.jsonl"
+    not_objects.write_text('{"text": "a", "label": 0}\n["b", 1]\n')
+    with pytest.raises(PromptFileError, match=r"lists\.jsonl, line 2: a JSON list, not an object"):
+        PromptFile(str(not_objects)).load()
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("text,label\na,0\nb,1,3\n")
+    with pytest.raises(PromptFileError) as error:
+        PromptFile(str(ragged)).load()
+    assert re.search(r"ragged\.csv cannot be read as csv: .*line 3", _one_line_user_error(error.value))
+    for name, content in (("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("header.csv", "text,label\n")):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(PromptFileError) as error:
+            PromptFile(str(tmp_path / name)).load()
+        assert f"{name} holds no prompts" in _one_line_user_error(error.value)
+    with pytest.raises(PromptFileNotFoundError) as error:
+        PromptFile(str(tmp_path / "nowhere.jsonl"), format="json").load()
+    _one_line_user_error(error.value)
+
+
+def test_a_file_without_its_label_column_names_the_columns_and_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "texts.jsonl"
+    path.write_text('{"text": "How do I bake bread?"}\n{"text": "Hello?"}\n')
+    with pytest.raises(PromptFileError) as error:
+        PromptFile(str(path)).load()
+    line = _one_line_user_error(error.value)
+    assert "columns.label = 'label'" in line and "its columns are ['text']" in line and "label: 0" in line
+    assert PromptFile(str(path), columns=Columns(label=None), label=0).load()["label"] == [0, 0]  # the fix works
 
 
 def test_prompt_files_mix_with_other_sources_from_yaml(tmp_path: Path) -> None:

@@ -17,9 +17,15 @@ from typing import Any, ClassVar, Literal
 
 import datasets
 
+from sahs.errors import UserError
+from sahs.prompts.identity import RowHasher, describe
 from sahs.prompts.schema import PromptSource, Provenance, make_dataset, open_image
 
 OnBadImage = Literal["skip", "error"]
+
+
+class BenchmarkNotFoundError(UserError, FileNotFoundError):
+    """A benchmark file or folder that is not where the loader's root says (not downloaded, or another root)."""
 
 
 class BenchmarkSource(PromptSource):
@@ -47,9 +53,10 @@ class BenchmarkSource(PromptSource):
     def require(self, path: Path, what: str) -> Path:
         """Return ``path`` if it exists, else raise naming it, the benchmark and where to get it."""
         if not path.exists():
-            raise FileNotFoundError(
+            raise BenchmarkNotFoundError(
                 f"{self.benchmark}: {what} not found at {path}. Expected layout under the root folder: "
-                f"{self.layout}. {self.benchmark} comes from {self.home}."
+                f"{self.layout}. Download {self.benchmark} from {self.home} into {self.root_path}, or point the "
+                "loader's root there (`--benchmarks_root DIR` or $SAHS_BENCHMARKS for the shipped configs)."
             )
         return path
 
@@ -75,6 +82,15 @@ class BenchmarkSource(PromptSource):
     def load(self) -> datasets.Dataset:
         rows = self._drop_bad_images(self.rows())
         return make_dataset([{k: v for k, v in row.items() if k != "origin"} for row in rows])
+
+    identity_ignores = ("root", "path", "image_dir")  # where the files are; what is read there is hashed
+
+    def identity(self) -> dict[str, Any]:
+        """The benchmark's rows as read from its files, images by their bytes: nothing is decoded or drawn."""
+        hasher = RowHasher()
+        for row in self.rows():
+            hasher.add({k: v for k, v in row.items() if k != "origin"})
+        return describe(self, {"rows": hasher.hexdigest(), "count": hasher.count})
 
     def provenance(self) -> dict[str, Provenance]:
         licence = f"as published by {self.benchmark} ({self.home})"
