@@ -67,7 +67,8 @@ def test_loao_names_the_fold_that_lacks_a_class(tmp_path):
     config.write_text(yaml.safe_dump({"trainer": {"default_root_dir": str(tmp_path), "logger": False},
                                       "data": {"cache_dir": str(tmp_path / "cache")}}))
     with pytest.raises(ValueError, match="lonely"):
-        main(["loao", "--config", str(config)])
+        main(["loao", "--config", str(config), "--top_k", "4"])
+    assert not any((tmp_path / "loao").iterdir())  # the failed run left no folder that looks like a run
 
 
 @pytest.mark.parametrize("detector, expected", [
