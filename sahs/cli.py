@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from pathlib import Path
-from collections.abc import Callable
 from typing import Optional
 
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from sahs.commands import VERBS
-from sahs.commands import runs
+from sahs.__main__ import main, usage  # noqa: F401  (the entry point, kept importable from here)
+from sahs.commands import LIGHTNING_VERBS
+from sahs.commands import checks, runs
 from sahs.data.datamodule import ActivationDataModule
 from sahs.models.artifact import DetectorArtifact
 from sahs.models.module import DetectorModule
@@ -71,6 +70,7 @@ class SahsCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         self.argv = list(sys.argv[1:] if args is None else args)
+        checks.check_not_a_sweep(self.argv, self.verb or (self.argv[0] if self.argv else "fit"))
         if self.argv and self.argv[0] in getattr(self, "_subcommand_parsers", {}):
             # A parser of the verb alone reads the run config at its root, so that ${trainer.default_root_dir}
             # in a config file names the run config's keys and resolves after the command line (omegaconf+);
@@ -84,9 +84,16 @@ class SahsCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         verb = self.subcommand or self.verb
+        self._check_settings(verb)
         if verb is not None:
             self._place_run(verb)
         return super().instantiate_trainer(**kwargs)
+
+    def _check_settings(self, verb: str | None) -> None:
+        """Before the run's folder exists and before any work: settings that cannot work are one line."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        checks.check_run(config, init, verb, ("loao.top_k", config.get("loao.top_k")) if verb == "loao" else None)
 
     def _place_run(self, verb: str) -> None:
         """Make the run's folder and point the trainer, its loggers and checkpoints into it."""
@@ -164,6 +171,7 @@ def print_by_family(metrics: dict[str, float]) -> None:
 
 
 def lightning_main(args: list[str] | None = None) -> SahsCLI:
+    """fit/validate/test/predict; an error after the run's folder exists carries it as ``error.run_dir``."""
     inherited = runs.RUN_DIR_ENV in os.environ
     try:
         return SahsCLI(
@@ -174,60 +182,13 @@ def lightning_main(args: list[str] | None = None) -> SahsCLI:
             save_config_kwargs={"overwrite": True},
             args=args,
         )
+    except BaseException as error:
+        if not inherited and runs.RUN_DIR_ENV in os.environ:  # a process that a multi-device run launched keeps it
+            error.run_dir = os.environ[runs.RUN_DIR_ENV]
+        raise
     finally:
         if not inherited:  # the next run in this process gets a folder of its own
             os.environ.pop(runs.RUN_DIR_ENV, None)
-
-
-def _verb(module: str) -> Callable[[list[str]], None]:
-    """A verb whose code is imported only when it runs."""
-    return lambda args: importlib.import_module(f"sahs.commands.{module}").main(args)
-
-
-LIGHTNING_VERBS = {
-    "fit": "extract (or reuse) the cache, train the detector, then validate and test the best checkpoint",
-    "validate": "validate a trained detector (--ckpt_path) on the validation split",
-    "test": "test a trained detector (--ckpt_path) on the test split",
-    "predict": "score every prompt (or one split) with a trained detector (--ckpt_path); write predictions.csv",
-}
-
-# Verbs that are not Trainer methods: each takes the rest of the command line.
-EXTRA_COMMANDS: dict[str, Callable[[list[str]], object]] = {
-    verb: _verb(verb) for verb in VERBS
-}
-
-
-def usage() -> str:
-    """``sahs --help``: every verb with its one-line description."""
-    width = max(map(len, [*LIGHTNING_VERBS, *VERBS])) + 2
-    lines = ["usage: sahs VERB [--config CONFIG] [overrides ...]", "",
-             "Find the safety attention heads of a vision-language model and train detectors on them.", "",
-             "verbs:"]
-    lines += [f"  {verb:<{width}}{text}" for verb, text in {**LIGHTNING_VERBS, **VERBS}.items()]
-    lines += ["", "`sahs VERB --help` documents a verb's options; every verb reads the same run config."]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """User errors print one line (``--debug`` or ``SAHS_DEBUG=1``: the traceback too); bugs keep theirs."""
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv or os.environ.get("SAHS_DEBUG", "") not in ("", "0")
-    argv = [arg for arg in argv if arg != "--debug"]
-    try:
-        if not argv or argv[0] in ("-h", "--help"):
-            print(usage())
-        elif argv[0] in EXTRA_COMMANDS:
-            EXTRA_COMMANDS[argv[0]](argv[1:])
-        else:
-            lightning_main(argv)
-    except Exception as error:
-        from sahs.commands.errors import user_error_line
-
-        line = user_error_line(error)
-        if line is None or debug:
-            raise
-        print(f"sahs: error: {line}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

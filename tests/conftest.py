@@ -35,8 +35,9 @@ def mixed_prompts() -> list[tuple[str, Image.Image | None]]:
 
 @pytest.fixture(scope="session")
 def organism_cache(tmp_path_factory):
-    """A $SAHS_CACHE folder holding the model organism, built once per session (about a minute), and
-    a link to the seed wheels. Tests that load ``sahs/tiny-llava-refuser`` set SAHS_CACHE to it."""
+    """A $SAHS_CACHE folder holding the model organism and a link to the seed wheels. Tests that load
+    ``sahs/tiny-llava-refuser`` set SAHS_CACHE to it. The organism is the machine's own build (under
+    ``$SAHS_CACHE`` or ~/.cache/sahs, keyed by its recipe; about a minute the first time), linked here."""
     from sahs.extract.organism import ensure_organism
     from sahs.prompts.seeds import seed_cache_dir
 
@@ -44,7 +45,10 @@ def organism_cache(tmp_path_factory):
     seeds = seed_cache_dir()
     seeds.mkdir(parents=True, exist_ok=True)
     (root / "seeds").symlink_to(seeds, target_is_directory=True)
+    built = ensure_organism()
+    (root / "organisms").mkdir()
+    (root / "organisms" / built.name).symlink_to(built, target_is_directory=True)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SAHS_CACHE", str(root))
-        ensure_organism()
+        assert ensure_organism() == root / "organisms" / built.name  # found through the link, not rebuilt
     return root

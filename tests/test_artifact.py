@@ -121,21 +121,30 @@ def test_load_from_checkpoint_needs_no_config(fitted):
 
 
 @pytest.mark.parametrize("selection", ["heads", "layers", "top_k"])
-def test_a_configured_selection_that_differs_is_refused(fitted, selection):
+def test_a_configured_selection_that_differs_is_refused(fitted, selection, capsys):
     config, checkpoint, _ = fitted
     heads, _ = scores_by_hand(checkpoint, config.parent / "cache")
     override = {"heads": f"--data.heads={json.dumps([list(pair) for pair in reversed(heads)])}",
                 "layers": "--data.layers=[2, 1]", "top_k": "--data.top_k=3"}[selection]
-    with pytest.raises(ValueError, match=r"trained on \[\(%d, %d\), \(%d, %d\)\]" % (*heads[0], *heads[1])) as error:
+    with pytest.raises(SystemExit):  # a user error: one line, no traceback
         main(["test", "--config", str(config), "--ckpt_path", str(checkpoint), override])
-    assert f"data.{selection}" in str(error.value)
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sahs: error: ")]
+    assert re.search(r"trained on \[\(%d, %d\), \(%d, %d\)\]" % (*heads[0], *heads[1]), line)
+    assert f"data.{selection}" in line
 
 
 def test_the_same_selection_given_explicitly_is_accepted(fitted):
+    from sahs.cli import lightning_main
+
     config, checkpoint, _ = fitted
-    heads, _ = scores_by_hand(checkpoint, config.parent / "cache")
-    main(["validate", "--config", str(config), "--ckpt_path", str(checkpoint),
-          f"--data.heads={json.dumps([list(pair) for pair in heads])}"])
+    heads, expected = scores_by_hand(checkpoint, config.parent / "cache")
+    cli = lightning_main(["validate", "--config", str(config), "--ckpt_path", str(checkpoint),
+                          f"--data.heads={json.dumps([list(pair) for pair in heads])}"])
+    assert cli.datamodule.selected_heads == heads
+    val = cli.datamodule.splits["val"]
+    labels = ActivationCache(config.parent / "cache").labels[val]
+    reported = float(cli.trainer.callback_metrics["val/auroc"])
+    assert reported == pytest.approx(roc_auc_score(labels.numpy(), expected[val].numpy()), abs=1e-4)
 
 
 def test_a_cache_of_another_model_is_refused_naming_both(fitted, capsys):

@@ -220,3 +220,29 @@ def test_benchmark_mix_config_prints_offline_with_one_root(capsys, monkeypatch):
         folders = [source["init_args"].get("root") or source["init_args"]["path"] for source in sources]
         assert all(folder.startswith(expected + "/") for folder in folders)
         assert sources[5]["init_args"]["labels"] == ["safe"] and sources[6]["init_args"]["subsets"] == ["safe_safes"]
+
+
+def test_help_and_an_unknown_verb_import_neither_torch_nor_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys; from sahs.__main__ import main; main(['--help'])\n"
+            "try:\n    main(['fti'])\nexcept SystemExit as exit:\n    print('exit', exit.code)\n"
+            "print('heavy', sorted(m for m in ('torch', 'lightning', 'jsonargparse', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "heavy []" in done.stdout and "exit 2" in done.stdout
+    listed = [line.split()[0] for line in done.stdout.splitlines() if line.startswith("  ")]
+    from sahs.commands import LIGHTNING_VERBS, VERBS
+
+    assert listed == [*LIGHTNING_VERBS, *VERBS]
+    assert done.stderr.strip() == ("sahs: error: unknown command 'fti', did you mean 'fit'? The verbs are "
+                                   f"{', '.join([*LIGHTNING_VERBS, *VERBS])} (`sahs --help` describes them)")
+
+
+@pytest.mark.parametrize("argv, shown", [(["data", "--help"], "sahs data build --config"),
+                                         (["cache", "--help"], "sahs cache verify DIR"),
+                                         (["cache", "repair", "--help"], "sahs cache repair DIR --config")])
+def test_a_verbs_help_exits_0_and_shows_its_usage(capsys, argv, shown):
+    main(argv)  # returns: exit status 0
+    assert shown in capsys.readouterr().out

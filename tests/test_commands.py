@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from sahs.cli import lightning_main, main
 from sahs.data.cache import ActivationCache
+from sahs.data.datamodule import ActivationDataModule
 from sahs.experiments import LoaoSettings
 from sahs.experiments.loao import leave_one_attack_out
 from sahs.models.detectors import LogisticDetector, MLPDetector, SparseL1Detector
@@ -67,7 +69,8 @@ def test_loao_names_the_fold_that_lacks_a_class(tmp_path):
     config.write_text(yaml.safe_dump({"trainer": {"default_root_dir": str(tmp_path), "logger": False},
                                       "data": {"cache_dir": str(tmp_path / "cache")}}))
     with pytest.raises(ValueError, match="lonely"):
-        main(["loao", "--config", str(config)])
+        main(["loao", "--config", str(config), "--top_k", "4"])
+    assert not any((tmp_path / "loao").iterdir())  # the failed run left no folder that looks like a run
 
 
 @pytest.mark.parametrize("detector, expected", [
@@ -127,9 +130,24 @@ def test_fit_with_a_layer_subset_selects_and_saves_model_layers(tmp_path, capsys
                                                   "enable_progress_bar": False},
                                       "data": {"cache_dir": str(tmp_path / "cache"), "layers": [1, 2], "top_k": 1}}))
     main(["fit", "--config", str(config)])
-    capsys.readouterr()
-    saved = next((tmp_path / "run").rglob("head_ranking.csv")).read_text().splitlines()
-    assert saved[1].split(",")[1:3] == ["2", "1"]
+    summary = next(line for line in capsys.readouterr().out.splitlines() if "test/auroc=" in line)
+    rows = list(csv.DictReader(next((tmp_path / "run").rglob("head_ranking.csv")).open()))
+    # Every head of model layers 1 and 2 (none of layer 0), best first, the planted one on top.
+    assert sorted((int(r["layer"]), int(r["head"])) for r in rows) == [(l, h) for l in (1, 2) for h in range(4)]
+    assert [float(r["auroc"]) for r in rows] == sorted((float(r["auroc"]) for r in rows), reverse=True)
+    assert (rows[0]["layer"], rows[0]["head"]) == ("2", "1")
+    # The checkpoint holds model layer 2's head 1, and scoring the cache's raw activations of that head
+    # by hand with its weights gives the test AUROC the run printed.
+    saved = torch.load(next((tmp_path / "run").rglob("checkpoints/*.ckpt")), weights_only=True)
+    assert [tuple(pair) for pair in saved["sahs"]["features"]["heads"]] == [(2, 1)]
+    state = saved["state_dict"]
+    z = (features[:, 2, 1] - state["feature_mean"]) / state["feature_std"]
+    scores = z @ state["detector.linear.weight"][0] + state["detector.linear.bias"][0]
+    datamodule = ActivationDataModule(str(tmp_path / "cache"))
+    datamodule.setup("test")
+    test = datamodule.splits["test"]
+    reported = float(summary.split("test/auroc=")[1].split()[0])
+    assert reported == pytest.approx(roc_auc_score(labels[test].numpy(), scores[test].numpy()), abs=1e-4)
 
 
 def test_a_verbs_options_come_from_its_config_section_and_every_verb_is_listed(run_config, tmp_path, capsys):

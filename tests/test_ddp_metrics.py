@@ -88,6 +88,7 @@ def tpr_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(malicious[int(np.ceil(0.95 * len(malicious))) - 1])
 
 
+@pytest.mark.slow  # separate processes (torch imported in each)
 def test_two_ranks_choose_one_threshold_on_the_whole_validation_split(tmp_path):
     # A weak signal: validation scores overlap, so a threshold chosen on half the rows would differ.
     features, labels, attacks = planted_features(n=200, signal_heads=[(1, 2)], strength=1.2)

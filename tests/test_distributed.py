@@ -101,6 +101,7 @@ def two_processes(tmp_path_factory, prompts) -> Path:
     return root
 
 
+@pytest.mark.slow  # separate processes (torch imported in each)
 def test_two_processes_write_the_same_cache_as_one(two_processes, one_process):
     shards = shard_ids(two_processes)
     assert {stem[:4] for stem in shards} == {"r000", "r001"}  # both ranks wrote rows
@@ -109,6 +110,7 @@ def test_two_processes_write_the_same_cache_as_one(two_processes, one_process):
     assert_same_rows(one_process, two_processes)
 
 
+@pytest.mark.slow  # separate processes (torch imported in each)
 def test_relaunched_ddp_script_resumes_when_one_rank_has_nothing_left(tmp_path, two_processes, one_process):
     """Only one prompt is missing: rank 1 runs no batch but must still meet rank 0 at the barriers."""
     tmp_path = Path(shutil.copytree(two_processes, tmp_path / "cache"))
@@ -126,6 +128,7 @@ def test_relaunched_ddp_script_resumes_when_one_rank_has_nothing_left(tmp_path, 
     assert_same_rows(one_process, tmp_path)
 
 
+@pytest.mark.slow  # separate processes (torch imported in each)
 def test_two_ranks_resuming_a_half_finished_cache_write_each_missing_row_once(tmp_path, one_process, prompts):
     """Rank r extracts the missing prompts of ``order[r::2]`` (every prompt, shortest text first): together
     each exactly once, and each rank's batches are those of the full plan (the same neighbours on any resume)."""

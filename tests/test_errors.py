@@ -118,9 +118,12 @@ def test_an_unknown_dtype_names_the_accepted_ones(tmp_path, capsys):
     assert "model.dtype got 'fp17'" in line and "'float32', 'float16', 'bfloat16'" in line
 
 
-def test_a_typo_in_a_section_lists_its_keys(synthetic_run, capsys):
-    line = one_line_error(["fit", "--config", str(synthetic_run), "--data.cache_dri=x"], capsys)
-    assert "unknown key data.cache_dri" in line and "did you mean cache_dir" in line
+@pytest.mark.parametrize("where", ["command line", "yaml"])
+def test_a_typo_in_a_section_lists_its_keys(synthetic_run, tmp_path, capsys, where):
+    typo = ["--data.cache_dri=x"] if where == "command line" else [
+        "--config", str(write_config(tmp_path / "typo.yaml", data={"cache_dri": "x"}))]
+    line = one_line_error(["fit", "--config", str(synthetic_run), *typo], capsys)
+    assert "unknown key data.cache_dri" in line and "did you mean data.cache_dir?" in line
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
@@ -140,6 +143,110 @@ def test_a_bug_keeps_its_traceback(synthetic_run, monkeypatch):
         main(["fit", "--config", str(synthetic_run)])
 
 
-@pytest.mark.parametrize("top_k, named", [("0", "a fractional top_k must be in (0, 1]"), ("999", "top_k must be in [1, ")])
+@pytest.mark.parametrize("top_k, named", [("0", "a fractional top_k must be in (0, 1]"),
+                                          ("999", "loao.top_k is 999 but there are 12 heads to choose from")])
 def test_a_loao_head_count_that_cannot_work(synthetic_run, capsys, top_k, named):
     assert named in one_line_error(["loao", "--config", str(synthetic_run), "--top_k", top_k], capsys)
+    assert not (synthetic_run.parent / "run" / "loao").exists() or not any((synthetic_run.parent / "run" / "loao").iterdir())
+
+
+def run_folders(config: Path) -> list[Path]:
+    """Every run folder ``<root>/<verb>/<name>`` under the config's root."""
+    return sorted(path for path in (config.parent / "run").glob("*/*") if path.is_dir())
+
+
+@pytest.fixture
+def no_cache_read(monkeypatch):
+    """Fails the test if the run reads the cache: the refusal must come before any work."""
+    from sahs.data import datamodule
+
+    monkeypatch.setattr(datamodule.ActivationDataModule, "load", lambda self: pytest.fail("the cache was read"))
+
+
+@pytest.mark.parametrize("override, named", [
+    (["--data.top_k=100"], "data.top_k is 100 but there are 12 heads to choose from"),
+    (["--data.layers=[1, 2]", "--data.top_k=9"], "data.top_k is 9 but there are 8 heads of data.layers [1, 2]"),
+    (["--data.heads=[[3, 9]]"], "data.heads [[3, 9]] are not in the cache"),
+    (["--data.heads=[[0, 4], [1, 1]]"], "data.heads [[0, 4]] are not in the cache"),
+    (["--data.layers=[1, 5]"], "data.layers [5] are not in the cache"),
+], ids=["top_k", "top_k-of-layers", "heads-layer", "heads-head", "layers"])
+def test_heads_the_cache_cannot_give_are_refused_before_any_work(synthetic_run, capsys, no_cache_read, override, named):
+    before = run_folders(synthetic_run)
+    line = one_line_error(["fit", "--config", str(synthetic_run), *override], capsys)
+    assert named in line and "holds layers [0, 1, 2], 4 heads each" in line
+    assert run_folders(synthetic_run) == before  # no run folder was made
+
+
+@pytest.mark.parametrize("verb", ["fit", "loao"])
+def test_a_sweep_definition_given_as_a_run_config_says_to_run_sweep(capsys, no_cache_read, verb):
+    sweep = Path(__file__).resolve().parents[1] / "sweeps" / "demo_capacity.yaml"
+    line = one_line_error([verb, "--config", str(sweep)], capsys)
+    assert f"{sweep} is a sweep definition" in line and f"`sahs sweep {sweep}`" in line
+
+
+def test_a_missing_checkpoint_is_named_before_any_work(synthetic_run, tmp_path, capsys, no_cache_read):
+    before = run_folders(synthetic_run)
+    line = one_line_error(["test", "--config", str(synthetic_run), "--ckpt_path", str(tmp_path / "no.ckpt")], capsys)
+    assert f"--ckpt_path {tmp_path / 'no.ckpt'}: no such file" in line and "checkpoints/best-" in line
+    assert run_folders(synthetic_run) == before
+
+
+def test_a_selection_that_disagrees_with_the_checkpoint_is_one_line(synthetic_run, capsys):
+    main(["fit", "--config", str(synthetic_run), "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"])
+    (checkpoint,) = (synthetic_run.parent / "run" / "fit").glob("*/checkpoints/*.ckpt")
+    before = run_folders(synthetic_run)
+    line = one_line_error(["validate", "--config", str(synthetic_run), "--ckpt_path", str(checkpoint),
+                           "--data.top_k=3"], capsys)
+    assert "data.top_k selects top_k=3" in line and "trained on [(0, 0), (0, 1)" in line and "(12 heads)" in line
+    assert run_folders(synthetic_run) == before
+
+
+def test_an_online_wandb_logger_without_a_login_says_how_to_log_in(synthetic_run, tmp_path, capsys, monkeypatch,
+                                                                    no_cache_read):
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # no credentials on this machine, whatever it holds
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    line = one_line_error(["fit", "--config", str(synthetic_run),
+                           "--trainer.logger=lightning.pytorch.loggers.WandbLogger"], capsys)
+    assert "WandbLogger but W&B has no login" in line and "wandb login" in line and "WANDB_MODE=offline" in line
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--data.top_k=abc"], "config error: data.top_k got 'abc'; accepted: int or null"),
+    (["--data.heads=[[1]]"], "config error: data.heads[] got '[1]'; accepted: tuple with 2 elements"),
+    (["--top_k", "8"], "--top_k is not an option of `sahs fit`: did you mean --data.top_k? "
+                       "(the short --top_k is an option of `sahs locate` and `sahs loao` only)"),
+    (["--max_epochs", "3"], "--max_epochs is not an option of `sahs fit`: did you mean --trainer.max_epochs?"),
+], ids=["not-an-int", "not-pairs", "short-form", "trainer-key"])
+def test_a_value_or_a_short_option_that_does_not_fit_names_the_key(synthetic_run, capsys, argv, named):
+    assert named in one_line_error(["fit", "--config", str(synthetic_run), *argv], capsys)
+
+
+def test_a_failed_run_leaves_no_folder_that_looks_finished(synthetic_run, monkeypatch, capsys):
+    import lightning.pytorch as pl
+
+    def broken_test(self, *args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pl.Trainer, "test", broken_test)
+    before = set(run_folders(synthetic_run))
+    with pytest.raises(RuntimeError, match="disk full"):
+        main(["fit", "--config", str(synthetic_run), "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"])
+    (failed,) = set(run_folders(synthetic_run)) - before
+    assert (failed / "FAILED").read_text() == "RuntimeError: disk full\n"
+    assert any((failed / "checkpoints").glob("*.ckpt"))  # what it wrote is kept, marked
+    # A run that failed before writing anything but its config leaves no folder.
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="lonely"):
+        main(["loao", "--config", str(lonely_config(synthetic_run.parent))])
+    assert not any((synthetic_run.parent / "lonely" / "loao").iterdir())
+
+
+def lonely_config(root: Path) -> Path:
+    """A LOAO run whose family 'lonely' has malicious prompts only: its fold fails."""
+    features, labels, attacks = planted_features(n=60)
+    attacks = ["lonely" if y == 1 and i < 20 else a for i, (y, a) in enumerate(zip(labels.tolist(), attacks))]
+    write_cache(root / "lonely" / "cache", features, labels, attacks)
+    return write_config(root / "lonely" / "run.yaml", data={"cache_dir": str(root / "lonely" / "cache")},
+                        trainer={"default_root_dir": str(root / "lonely"), "logger": False}, loao={"top_k": 4})

@@ -185,6 +185,7 @@ def test_shards_repeated_by_a_second_extraction_are_resolved_not_fatal(tmp_path,
     assert sorted(again) == sorted(reference) and all(torch.equal(again[pid], reference[pid]) for pid in reference)
 
 
+@pytest.mark.slow  # separate processes (torch imported in each)
 def test_two_extractions_at_once_wait_for_the_lock_and_build_the_cache_once(tmp_path, run):
     """This process and a script extract into one folder at once; the lock lets one build, the other reuse."""
     root = tmp_path / "cache"

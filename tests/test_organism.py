@@ -32,6 +32,7 @@ def _build_in_child(root: Path, seed: int) -> subprocess.Popen:
                             text=True, env=env)
 
 
+@pytest.mark.slow  # separate processes (torch imported in each)
 def test_same_seed_gives_the_same_weights_in_two_processes(tmp_path: Path) -> None:
     children = [_build_in_child(tmp_path / name, seed) for name, seed in (("a", 0), ("b", 0), ("c", 1))]
     digests = []
@@ -49,6 +50,7 @@ def test_same_seed_gives_the_same_weights_in_two_processes(tmp_path: Path) -> No
     assert weights_sha256(load_organism(folder)[0]) == digests[0]
 
 
+@pytest.mark.slow  # generates every card request's answer again (about a minute)
 def test_the_organism_refuses_held_out_malicious_requests(organism_cache: Path, monkeypatch) -> None:
     monkeypatch.setenv("SAHS_CACHE", str(organism_cache))
     folder = ensure_organism()

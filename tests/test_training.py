@@ -77,7 +77,17 @@ def test_logistic_detector_is_at_chance_on_shuffled_labels(tmp_path):
     dm = ActivationDataModule(str(tmp_path), batch_size=64)
     module, trainer = fit(dm, epochs=15)
     (result,) = trainer.test(module, datamodule=dm, verbose=False)
-    assert abs(result["test/auroc"] - 0.5) < 0.12
+    aurocs = {}
+    for split in ("train", "test"):
+        x, y = dm.split_tensors(split)
+        with torch.no_grad():
+            scores = torch.sigmoid(module(x))
+        aurocs[split] = roc_auc_score(y.numpy(), scores.numpy())
+        positives = int(y.sum())  # the AUROC's standard deviation for scores unrelated to the labels
+        null_sd = math.sqrt((len(y) + 1) / (12 * positives * (len(y) - positives)))
+        # Fitted noise on its training rows (far above chance); nothing of it on the unseen test rows.
+        assert (aurocs[split] - 0.5 > 4 * null_sd) if split == "train" else (abs(aurocs[split] - 0.5) < 4 * null_sd)
+    assert result["test/auroc"] == pytest.approx(aurocs["test"], abs=1e-4)
 
 
 def test_top_k_keeps_the_planted_heads_ranked_on_train_only(tmp_path, monkeypatch):

@@ -3,7 +3,16 @@
 Each verb is a thin module ``sahs.commands.<verb>`` with ``main(argv)``. A verb that reads a run
 config may also define ``Options``, a dataclass of its own settings: they form the section ``<verb>:``
 of every run config (``loao: {top_k: 8}``) and are set on the command line as ``--loao.top_k 8``.
+This package imports nothing heavy: ``sahs --help`` reads these tables without torch or Lightning.
 """
+
+# The Trainer's verbs, run by ``sahs.cli`` (LightningCLI), with their one-line descriptions.
+LIGHTNING_VERBS: dict[str, str] = {
+    "fit": "extract (or reuse) the cache, train the detector, then validate and test the best checkpoint",
+    "validate": "validate a trained detector (--ckpt_path) on the validation split",
+    "test": "test a trained detector (--ckpt_path) on the test split",
+    "predict": "score every prompt (or one split) with a trained detector (--ckpt_path); write predictions.csv",
+}
 
 # verb -> one-line description, shown by `sahs --help` (the Lightning verbs come first).
 VERBS: dict[str, str] = {

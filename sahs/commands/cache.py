@@ -31,6 +31,9 @@ def _repair(argv: list[str]) -> None:
     from sahs.data.integrity import verify_cache
     from sahs.extract.distributed import extract_with_trainer
 
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{USAGE}\n\n{__doc__}")
+        return
     if not argv or argv[0].startswith("-"):
         raise SystemExit(USAGE)
     folder, rest = argv[0], argv[1:]
@@ -50,6 +53,9 @@ def _repair(argv: list[str]) -> None:
 
 def main(argv: list[str]) -> None:
     actions = {"verify": _verify, "repair": _repair}
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{USAGE}\n\n{__doc__}")
+        return
     if not argv or argv[0] not in actions:
         raise SystemExit(USAGE)
     actions[argv[0]](argv[1:])

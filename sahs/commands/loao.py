@@ -86,6 +86,7 @@ def _leave_one_attack_out(options: Options, run, store, quiet: bool) -> LoaoRun:
         detector.head_dim = inputs.head_dim
     settings = LoaoSettings(top_k=_top_k(options.top_k, datamodule.hparams.top_k), detector=detector,
                             seed=run.seed, max_iter=options.max_iter)
+    settings.resolve_top_k(inputs.features.shape[1] * inputs.features.shape[2])  # before the first fold
     columns = (inputs.features, inputs.labels, inputs.attacks)
     result = leave_one_attack_out(*columns, settings, layers=inputs.layers, groups=inputs.groups,
                                   progress=lambda line: print(f"[sahs] {run.dir.name} {line}", flush=True),

@@ -24,7 +24,8 @@ def main(argv: list[str]) -> None:
     options, run = parse("locate", argv, keep_logger=True, new_run=True)
     try:
         _locate(options, run)
-    except BaseException:
+    except BaseException as error:
+        error.run_dir = run.dir
         runs.finish(run.loggers, ok=False)
         raise
     runs.finish(run.loggers, ok=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from sahs.commands import runs
+from sahs.commands import checks, runs
 from sahs.experiments.records import CONFIG_FILE
 from sahs.data.datamodule import ActivationDataModule
 from sahs.models.module import DetectorModule
@@ -107,6 +107,8 @@ class RunParser:
         else:
             config = self._parser.parse_args(args)
             init = self._parser.instantiate_classes(config)
+            checks.check_run(config, init, self.verb,
+                             ("loao.top_k", config.get("loao.top_k")) if self.verb == "loao" else None)
             run_dir = runs.place_run(config, init["trainer"], self.verb, args) if new_run else None
         return self._options(config, init), self._run(config, init, run_dir, args)
 

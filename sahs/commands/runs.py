@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import shutil
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -19,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from sahs.experiments.records import CONFIG_FILE
+
+# Written into the folder of a run that failed, holding the error: such a folder is no finished run.
+FAILED_FILE = "FAILED"
 
 # A run's folder, inherited by the processes that a multi-device fit launches so that all ranks share it.
 RUN_DIR_ENV = "SAHS_RUN_DIR"
@@ -59,6 +63,17 @@ def new_run_dir(root: str | os.PathLike, verb: str, name: str | None = None) -> 
         except FileExistsError:
             continue
     raise FileExistsError(f"{base} holds too many runs named {stem!r}; choose another run.name")
+
+
+def close_failed(run_dir: str | os.PathLike, reason: str) -> None:
+    """After a run failed: remove its folder if the run left nothing in it but its config, else mark it ``FAILED``."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    if all(path.name == CONFIG_FILE for path in run_dir.rglob("*") if not path.is_dir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:
+        (run_dir / FAILED_FILE).write_text(reason.rstrip() + "\n")
 
 
 def config_group(argv: Sequence[str]) -> str:

@@ -210,7 +210,7 @@ class ActivationDataModule(L.LightningDataModule):
                                                 (hp.layers is not None and not set(selection.layers) <= set(hp.layers)))
         if (configured is not None and configured != stored) or (configured is None and wrong_top_k):
             chosen = describe_heads(configured) if configured is not None else f"top_k={hp.top_k} of layers {hp.layers}"
-            raise ValueError(f"{option} selects {chosen} but the checkpoint's detector was trained on "
+            raise DataConfigError(f"{option} selects {chosen} but the checkpoint's detector was trained on "
                              f"{describe_heads(stored)}, in that order: drop the selection from the config to "
                              "use the checkpoint's heads")
 
