@@ -1,0 +1,192 @@
+"""Bootstrap intervals for AUROC by request group: one fold, the mean over folds, paired differences.
+
+Rows of one request (``group``: a question and its renderings) are not independent, so the bootstrap
+resamples whole requests, never rows. Each replicate draws, within each stratum (a fold and the class of
+its requests), as many requests as the stratum holds, with replacement; a request drawn ``c`` times
+weighs ``c`` in every row it has. Strata keep every replicate's class balance and fold sizes fixed, so
+no replicate lacks a class. The AUROC of a replicate is the weighted Mann-Whitney statistic, computed for
+all replicates at once after one sort of the scores. Intervals are percentile intervals of the replicates.
+
+Draw order (what makes a seed reproducible): ``numpy.random.default_rng(seed)``; strata in sorted
+``(part, class)`` order, requests of a stratum in sorted order; per stratum one
+``rng.integers(0, m, size=(n_boot, m))`` of drawn request positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A figure with its two-sided interval at ``level`` (``low``/``high`` None when not computed)."""
+
+    value: float
+    low: float | None = None
+    high: float | None = None
+    level: float = 0.95
+
+    def as_dict(self, name: str) -> dict[str, float | None]:
+        """``{name: value, name_ci_low: low, name_ci_high: high}``: the flat names of logs, JSON and tables."""
+        return {name: self.value, f"{name}_ci_low": self.low, f"{name}_ci_high": self.high}
+
+    def contains(self, value: float) -> bool:
+        """Whether ``value`` lies in the interval (closed)."""
+        return self.low is not None and self.high is not None and self.low <= value <= self.high
+
+    def text(self, digits: int = 4) -> str:
+        """``0.9123 [0.8950, 0.9301]``."""
+        if self.low is None or self.high is None:
+            return f"{self.value:.{digits}f}"
+        return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+
+
+@dataclass(frozen=True)
+class Part:
+    """The scored test rows of one fold: ``scores``, 0/1 ``labels`` and request ``groups``, all ``[n]``."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    groups: np.ndarray
+
+    @staticmethod
+    def of(scores, labels, groups=None) -> Part:
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        labels = np.asarray(labels).reshape(-1).astype(np.int64)
+        groups = np.arange(len(scores)).astype(str) if groups is None else np.asarray(groups, dtype=str).reshape(-1)
+        if not (len(scores) == len(labels) == len(groups)):
+            raise ValueError(f"scores, labels and groups differ in length: {len(scores)}, {len(labels)}, {len(groups)}")
+        if not np.isfinite(scores).all():
+            raise ValueError("scores contain NaN or infinite values")
+        if not (np.isin(labels, (0, 1)).all() and (labels == 0).any() and (labels == 1).any()):
+            raise ValueError("an AUROC interval needs 0/1 labels with both classes present")
+        return Part(scores, labels, groups)
+
+
+@dataclass(frozen=True)
+class Resample:
+    """Bootstrap counts: ``counts[b, j]`` is how often request ``keys[j]`` is drawn in replicate ``b``."""
+
+    keys: np.ndarray  # [G] request ids, sorted
+    counts: np.ndarray  # [n_boot, G]
+
+
+def draw_requests(parts: Sequence[Part], n_boot: int = 1000, seed: int = 0) -> Resample:
+    """Stratified request bootstrap over ``parts`` (stratum: part index and the request's class).
+
+    A request in several parts is stratified by the first; a request's class is its largest label.
+    """
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    first: dict[str, tuple[int, int]] = {}
+    for index, part in enumerate(parts):
+        keys, inverse = np.unique(part.groups, return_inverse=True)
+        classes = np.zeros(len(keys), dtype=np.int64)
+        np.maximum.at(classes, inverse.reshape(-1), part.labels)
+        for key, cls in zip(keys.tolist(), classes.tolist()):
+            first.setdefault(key, (index, cls))
+    keys = np.array(sorted(first), dtype=str)
+    strata = np.array([first[key] for key in keys.tolist()], dtype=np.int64).reshape(-1, 2)
+    counts = np.zeros((n_boot, len(keys)), dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    for stratum in np.unique(strata, axis=0):
+        members = np.flatnonzero((strata == stratum).all(axis=1))  # sorted keys of this stratum
+        m = len(members)
+        drawn = rng.integers(0, m, size=(n_boot, m))
+        flat = (drawn + m * np.arange(n_boot)[:, None]).reshape(-1)
+        counts[:, members] = np.bincount(flat, minlength=n_boot * m).reshape(n_boot, m)
+    return Resample(keys, counts)
+
+
+def weighted_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUROC under each row of ``weights [B, n]`` (ties count one half); NaN where a class weighs nothing."""
+    order = np.argsort(scores, kind="stable")
+    ordered, positive = scores[order], labels[order].astype(bool)
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # first row of each tie block
+    w = weights[:, order]
+    pos = np.add.reduceat(np.where(positive, w, 0.0), starts, axis=1)  # [B, blocks]
+    neg = np.add.reduceat(np.where(positive, 0.0, w), starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg  # negative weight strictly below each block
+    wins = (pos * (below + 0.5 * neg)).sum(axis=1)
+    total = pos.sum(axis=1) * neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, wins / np.where(total > 0, total, 1.0), np.nan)
+
+
+def replicates(parts: Sequence[Part], resample: Resample) -> np.ndarray:
+    """``[B, len(parts)]``: every part's AUROC under every replicate of ``resample``."""
+    out = np.empty((resample.counts.shape[0], len(parts)))
+    for index, part in enumerate(parts):
+        where = np.searchsorted(resample.keys, part.groups)
+        where = np.minimum(where, len(resample.keys) - 1)
+        if not (resample.keys[where] == part.groups).all():
+            raise ValueError("a part holds requests that the resample did not draw")
+        out[:, index] = weighted_auroc(part.scores, part.labels, resample.counts[:, where])
+    return out
+
+
+def percentile_interval(value: float, draws: np.ndarray, level: float = 0.95) -> Estimate:
+    """``value`` with the percentile interval of its bootstrap ``draws`` (NaN draws left out)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    tail = 100 * (1 - level) / 2
+    low, high = np.nanpercentile(draws, [tail, 100 - tail])
+    return Estimate(float(value), float(low), float(high), level)
+
+
+def plain_auroc(part: Part) -> float:
+    """The unweighted AUROC of a part (every weight one)."""
+    return float(weighted_auroc(part.scores, part.labels, np.ones((1, len(part.scores))))[0])
+
+
+def bootstrap_auroc(scores, labels, groups=None, n_boot: int = 1000, seed: int = 0,
+                    level: float = 0.95) -> Estimate:
+    """AUROC of one fold's scores with its request-bootstrap interval (``groups`` None: rows are requests)."""
+    part = Part.of(scores, labels, groups)
+    draws = replicates([part], draw_requests([part], n_boot, seed))[:, 0]
+    return percentile_interval(plain_auroc(part), draws, level)
+
+
+def bootstrap_mean_auroc(folds: Sequence[Part], n_boot: int = 1000, seed: int = 0,
+                         level: float = 0.95) -> tuple[Estimate, list[Estimate]]:
+    """The mean AUROC over folds and each fold's, with intervals; each fold's requests are resampled
+    within it (independent strata), and a replicate's mean averages the folds' AUROCs of that replicate."""
+    draws = replicates(folds, draw_requests(folds, n_boot, seed))
+    values = np.array([plain_auroc(part) for part in folds])
+    per_fold = [percentile_interval(v, draws[:, i], level) for i, v in enumerate(values)]
+    return percentile_interval(values.mean(), draws.mean(axis=1), level), per_fold
+
+
+def repeated_mean_auroc(repeats: Sequence[Sequence[Part]], n_boot: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> Estimate:
+    """The mean over repeats of the mean AUROC over folds, with an interval.
+
+    The repeats test the same requests under other splits: one resample (stratified by the first
+    repeat's folds) weighs a request alike in every repeat, so the repeats' shared data are not
+    counted as independent evidence.
+    """
+    resample = draw_requests(repeats[0], n_boot, seed)
+    draws = np.mean([replicates(parts, resample).mean(axis=1) for parts in repeats], axis=0)
+    value = np.mean([np.mean([plain_auroc(part) for part in parts]) for parts in repeats])
+    return percentile_interval(value, draws, level)
+
+
+def paired_difference(a: Sequence[Part], b: Sequence[Part], n_boot: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> Estimate:
+    """Mean-over-folds AUROC of ``a`` minus that of ``b`` on the same test rows, with a paired interval.
+
+    ``a[i]`` and ``b[i]`` must hold the same rows (labels and groups) in the same order: each replicate
+    weighs a request alike in both, so what the two share (the hard and easy requests) cancels.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired parts differ in number: {len(a)} and {len(b)}")
+    for x, y in zip(a, b):
+        if not (np.array_equal(x.groups, y.groups) and np.array_equal(x.labels, y.labels)):
+            raise ValueError("paired parts must hold the same rows (groups and labels) in the same order")
+    resample = draw_requests(a, n_boot, seed)
+    draws = replicates(a, resample).mean(axis=1) - replicates(b, resample).mean(axis=1)
+    value = np.mean([plain_auroc(x) for x in a]) - np.mean([plain_auroc(y) for y in b])
+    return percentile_interval(value, draws, level)
