@@ -154,24 +154,22 @@ def bootstrap_mean_auroc(folds: Sequence[Part], n_boot: int = 1000, seed: int = 
                          level: float = 0.95) -> tuple[Estimate, list[Estimate]]:
     """The mean AUROC over folds and each fold's, with intervals; each fold's requests are resampled
     within it (independent strata), and a replicate's mean averages the folds' AUROCs of that replicate."""
-    draws = replicates(folds, draw_requests(folds, n_boot, seed))
-    values = np.array([plain_auroc(part) for part in folds])
-    per_fold = [percentile_interval(v, draws[:, i], level) for i, v in enumerate(values)]
-    return percentile_interval(values.mean(), draws.mean(axis=1), level), per_fold
+    return repeated_mean_auroc([folds], n_boot, seed, level)
 
 
 def repeated_mean_auroc(repeats: Sequence[Sequence[Part]], n_boot: int = 1000, seed: int = 0,
-                        level: float = 0.95) -> Estimate:
-    """The mean over repeats of the mean AUROC over folds, with an interval.
+                        level: float = 0.95) -> tuple[Estimate, list[Estimate]]:
+    """The mean over repeats of the mean AUROC over folds, and each fold's mean over repeats, with intervals.
 
-    The repeats test the same requests under other splits: one resample (stratified by the first
-    repeat's folds) weighs a request alike in every repeat, so the repeats' shared data are not
-    counted as independent evidence.
+    ``repeats[r][i]`` is fold ``i`` in repeat ``r`` (the same family under another split). The repeats
+    test the same requests: one resample (stratified by the first repeat's folds) weighs a request alike
+    in every repeat, so their shared data are not counted as independent evidence.
     """
     resample = draw_requests(repeats[0], n_boot, seed)
-    draws = np.mean([replicates(parts, resample).mean(axis=1) for parts in repeats], axis=0)
-    value = np.mean([np.mean([plain_auroc(part) for part in parts]) for parts in repeats])
-    return percentile_interval(value, draws, level)
+    draws = np.mean([replicates(parts, resample) for parts in repeats], axis=0)  # [B, folds]
+    values = np.mean([[plain_auroc(part) for part in parts] for parts in repeats], axis=0)  # [folds]
+    per_fold = [percentile_interval(v, draws[:, i], level) for i, v in enumerate(values)]
+    return percentile_interval(values.mean(), draws.mean(axis=1), level), per_fold
 
 
 def paired_difference(a: Sequence[Part], b: Sequence[Part], n_boot: int = 1000, seed: int = 0,
