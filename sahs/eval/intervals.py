@@ -177,14 +177,27 @@ def paired_difference(a: Sequence[Part], b: Sequence[Part], n_boot: int = 1000, 
     """Mean-over-folds AUROC of ``a`` minus that of ``b`` on the same test rows, with a paired interval.
 
     ``a[i]`` and ``b[i]`` must hold the same rows (labels and groups) in the same order: each replicate
-    weighs a request alike in both, so what the two share (the hard and easy requests) cancels.
+    weighs a request alike in both, so what the two share (the hard and easy requests) cancels. The
+    resample is drawn from ``b``'s layout (the same as ``a``'s).
     """
     if len(a) != len(b):
         raise ValueError(f"paired parts differ in number: {len(a)} and {len(b)}")
-    for x, y in zip(a, b):
-        if not (np.array_equal(x.groups, y.groups) and np.array_equal(x.labels, y.labels)):
+    return paired_differences(b, [a], n_boot, seed, level)[0]
+
+
+def paired_differences(reference: Sequence[Part], others: Sequence[Sequence[Part]], n_boot: int = 1000,
+                       seed: int = 0, level: float = 0.95) -> list[Estimate]:
+    """``paired_difference(other, reference)`` for each of ``others``, all under one resample of the
+    reference's requests (one draw, one pass over the reference's replicates)."""
+    resample = draw_requests(reference, n_boot, seed)
+    base = replicates(reference, resample).mean(axis=1)
+    base_value = np.mean([plain_auroc(part) for part in reference])
+    out = []
+    for parts in others:
+        if len(parts) != len(reference) or not all(
+                np.array_equal(x.groups, y.groups) and np.array_equal(x.labels, y.labels)
+                for x, y in zip(parts, reference)):
             raise ValueError("paired parts must hold the same rows (groups and labels) in the same order")
-    resample = draw_requests(a, n_boot, seed)
-    draws = replicates(a, resample).mean(axis=1) - replicates(b, resample).mean(axis=1)
-    value = np.mean([plain_auroc(x) for x in a]) - np.mean([plain_auroc(y) for y in b])
-    return percentile_interval(value, draws, level)
+        draws = replicates(parts, resample).mean(axis=1) - base
+        out.append(percentile_interval(np.mean([plain_auroc(part) for part in parts]) - base_value, draws, level))
+    return out

@@ -357,3 +357,32 @@ def _run_folds(features, labels, attacks, groups, settings: LoaoSettings, layers
                                   None if n_iter is None else int(n_iter), None if converged is None else bool(converged),
                                   rows=fold.test_rows.numpy(), scores=scores.detach().cpu().double().numpy()))
     return results
+
+
+@dataclass(frozen=True)
+class ScoredFolds:
+    """A run's ``scores.csv``: its (repeat, fold) parts in file order, each with its row numbers."""
+
+    keys: list[tuple[int, str]]
+    rows: list[np.ndarray]
+    parts: list[Part]
+
+    def same_rows(self, other: ScoredFolds) -> bool:
+        """Whether ``other`` scored exactly these rows, fold by fold (what a paired comparison needs)."""
+        return self.keys == other.keys and all(np.array_equal(a, b) for a, b in zip(self.rows, other.rows))
+
+
+def load_scores(path: str | Path) -> ScoredFolds:
+    """Read a run's ``scores.csv`` (``SCORES_COLUMNS``, and ``repeat`` when the run repeated the protocol)."""
+    with open(path, newline="") as handle:
+        lines = list(csv.DictReader(handle))
+    if not lines or any(name not in lines[0] for name in SCORES_COLUMNS):
+        raise ValueError(f"{path} is not a LOAO scores file: it needs the columns {', '.join(SCORES_COLUMNS)}")
+    grouped: dict[tuple[int, str], list[dict]] = {}
+    for line in lines:
+        grouped.setdefault((int(line.get("repeat") or 0), line["fold"]), []).append(line)
+    keys = list(grouped)
+    rows = [np.array([int(line["row"]) for line in grouped[key]]) for key in keys]
+    parts = [Part.of([float(line["score"]) for line in grouped[key]], [int(line["label"]) for line in grouped[key]],
+                     [line["group"] for line in grouped[key]]) for key in keys]
+    return ScoredFolds(keys, rows, parts)
