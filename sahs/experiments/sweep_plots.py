@@ -193,8 +193,10 @@ def plot_parallel(rows: list[dict[str, Any]], title: str, params: list[str]) -> 
             x = np.log10(x)
         low, high = (x.min(), x.max()) if numeric else (0.0, max(1.0, len(labels) - 1.0))
         span = high - low or 1.0
-        scaled[:, j] = (x - low) / span
-        if numeric:
+        scaled[:, j] = (x - low) / span if high > low else 0.5  # a constant sits mid-axis
+        if numeric and high == low:
+            marks = [(0.5, rounded(f"{10**low if log else low:.4g}"))]
+        elif numeric:
             ends = [10**low, 10**high] if log else [low, high]
             marks = [(0.0, rounded(f"{ends[0]:.4g}")), (1.0, rounded(f"{ends[1]:.4g}"))]
         else:
