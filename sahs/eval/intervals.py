@@ -68,16 +68,30 @@ class Part:
 
 @dataclass(frozen=True)
 class Resample:
-    """Bootstrap counts: ``counts[b, j]`` is how often request ``keys[j]`` is drawn in replicate ``b``."""
+    """Bootstrap counts: ``counts[j, b]`` is how often request ``keys[j]`` is drawn in replicate ``b``."""
 
-    keys: np.ndarray  # [G] request ids, sorted
-    counts: np.ndarray  # [n_boot, G]
+    keys: np.ndarray  # [G] request ids, stratum by stratum
+    counts: np.ndarray  # [G, n_boot]: a request's counts are contiguous, so a part gathers whole rows
+
+    @property
+    def n_boot(self) -> int:
+        return self.counts.shape[1]
+
+    def rows_of(self, groups: np.ndarray) -> np.ndarray:
+        """The row of ``counts`` of each of ``groups`` (every one must have been drawn)."""
+        sorter = np.argsort(self.keys)
+        where = sorter[np.minimum(np.searchsorted(self.keys, groups, sorter=sorter), len(self.keys) - 1)]
+        if not (self.keys[where] == groups).all():
+            raise ValueError("a part holds requests that the resample did not draw")
+        return where
 
 
 def draw_requests(parts: Sequence[Part], n_boot: int = 1000, seed: int = 0) -> Resample:
     """Stratified request bootstrap over ``parts`` (stratum: part index and the request's class).
 
     A request in several parts is stratified by the first; a request's class is its largest label.
+    Draw order: strata in sorted ``(part, class)`` order, each with one ``rng.integers(0, m, size=(n_boot, m))``
+    of positions among its ``m`` requests (sorted).
     """
     if n_boot < 1:
         raise ValueError(f"n_boot must be at least 1, got {n_boot}")
@@ -88,43 +102,48 @@ def draw_requests(parts: Sequence[Part], n_boot: int = 1000, seed: int = 0) -> R
         np.maximum.at(classes, inverse.reshape(-1), part.labels)
         for key, cls in zip(keys.tolist(), classes.tolist()):
             first.setdefault(key, (index, cls))
-    keys = np.array(sorted(first), dtype=str)
-    strata = np.array([first[key] for key in keys.tolist()], dtype=np.int64).reshape(-1, 2)
-    counts = np.zeros((n_boot, len(keys)), dtype=np.float64)
+    ordered = sorted(first, key=lambda key: (first[key], key))  # stratum-major, sorted within
+    keys = np.array(ordered, dtype=str)
+    codes = np.unique(np.array([first[key] for key in ordered]).reshape(-1, 2), axis=0, return_inverse=True)[1]
+    sizes = np.bincount(codes.reshape(-1))  # [strata]
     rng = np.random.default_rng(seed)
-    for stratum in np.unique(strata, axis=0):
-        members = np.flatnonzero((strata == stratum).all(axis=1))  # sorted keys of this stratum
-        m = len(members)
-        drawn = rng.integers(0, m, size=(n_boot, m))
-        flat = (drawn + m * np.arange(n_boot)[:, None]).reshape(-1)
-        counts[:, members] = np.bincount(flat, minlength=n_boot * m).reshape(n_boot, m)
+    counts = np.empty((len(keys), n_boot))  # [G, B]
+    start = 0
+    for m in sizes.tolist():  # per stratum: its counts fit in cache, so the bincount is cheap
+        drawn = rng.integers(0, m, size=(n_boot, m))  # [B, m] positions among the stratum's requests
+        drawn += m * np.arange(n_boot)[:, None]
+        counts[start:start + m] = np.bincount(drawn.reshape(-1), minlength=n_boot * m).reshape(n_boot, m).T
+        start += m
     return Resample(keys, counts)
 
-
 def weighted_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """AUROC under each row of ``weights [B, n]`` (ties count one half); NaN where a class weighs nothing."""
+    """AUROC under each column of ``weights [n, B]`` (ties count one half); NaN where a class weighs nothing.
+
+    One sort of the scores; then the negative weight below each positive row is a cumulative sum down
+    the rows, for every replicate at once (rows contiguous: each step is one vector operation over B).
+    """
     order = np.argsort(scores, kind="stable")
     ordered, positive = scores[order], labels[order].astype(bool)
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # first row of each tie block
-    w = weights[:, order]
-    pos = np.add.reduceat(np.where(positive, w, 0.0), starts, axis=1)  # [B, blocks]
-    neg = np.add.reduceat(np.where(positive, 0.0, w), starts, axis=1)
-    below = np.cumsum(neg, axis=1) - neg  # negative weight strictly below each block
-    wins = (pos * (below + 0.5 * neg)).sum(axis=1)
-    total = pos.sum(axis=1) * neg.sum(axis=1)
+    w = weights[order]  # [n, B]
+    neg = w * ~positive[:, None]
+    if len(ordered) > 1 and (ordered[1:] == ordered[:-1]).any():  # ties: sum within each tie block first
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        pos, neg = np.add.reduceat(w * positive[:, None], starts, axis=0), np.add.reduceat(neg, starts, axis=0)
+        below = np.cumsum(neg, axis=0)
+        below -= 0.5 * neg  # strictly below, plus half of the own block
+    else:  # a positive row holds no negative weight: the cumulative sum at it is what lies below
+        pos, below = w[positive], np.cumsum(neg, axis=0)[positive]
+    wins = np.einsum("ib,ib->b", pos, below)
+    total = pos.sum(axis=0) * neg.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, wins / np.where(total > 0, total, 1.0), np.nan)
 
 
 def replicates(parts: Sequence[Part], resample: Resample) -> np.ndarray:
     """``[B, len(parts)]``: every part's AUROC under every replicate of ``resample``."""
-    out = np.empty((resample.counts.shape[0], len(parts)))
+    out = np.empty((resample.n_boot, len(parts)))
     for index, part in enumerate(parts):
-        where = np.searchsorted(resample.keys, part.groups)
-        where = np.minimum(where, len(resample.keys) - 1)
-        if not (resample.keys[where] == part.groups).all():
-            raise ValueError("a part holds requests that the resample did not draw")
-        out[:, index] = weighted_auroc(part.scores, part.labels, resample.counts[:, where])
+        out[:, index] = weighted_auroc(part.scores, part.labels, resample.counts[resample.rows_of(part.groups)])
     return out
 
 
@@ -133,13 +152,13 @@ def percentile_interval(value: float, draws: np.ndarray, level: float = 0.95) ->
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
     tail = 100 * (1 - level) / 2
-    low, high = np.nanpercentile(draws, [tail, 100 - tail])
+    low, high = (np.nanpercentile if np.isnan(draws).any() else np.percentile)(draws, [tail, 100 - tail])
     return Estimate(float(value), float(low), float(high), level)
 
 
 def plain_auroc(part: Part) -> float:
     """The unweighted AUROC of a part (every weight one)."""
-    return float(weighted_auroc(part.scores, part.labels, np.ones((1, len(part.scores))))[0])
+    return float(weighted_auroc(part.scores, part.labels, np.ones((len(part.scores), 1)))[0])
 
 
 def bootstrap_auroc(scores, labels, groups=None, n_boot: int = 1000, seed: int = 0,

@@ -47,10 +47,10 @@ def loop_replicates(parts: list[Part], n_boot: int, seed: int) -> np.ndarray:
 def test_weighted_auroc_is_the_auroc_of_the_rows_repeated_by_their_weights() -> None:
     scores, labels, _ = grouped_scores(30, 3, 1.0, 0.5, seed=0, ties=True)
     rng = np.random.default_rng(1)
-    weights = rng.integers(0, 4, size=(5, len(scores))).astype(float)
+    weights = rng.integers(0, 4, size=(len(scores), 5)).astype(float)
     got = weighted_auroc(scores, labels, weights)
     for b in range(5):
-        rows = np.repeat(np.arange(len(scores)), weights[b].astype(int))
+        rows = np.repeat(np.arange(len(scores)), weights[:, b].astype(int))
         assert got[b] == pytest.approx(roc_auc_score(labels[rows], scores[rows]), abs=1e-12)
 
 
@@ -78,7 +78,7 @@ def test_mean_over_folds_resamples_each_fold_within_itself() -> None:
     resample = draw_requests(parts, n_boot=150, seed=3)
     for part in parts:
         members = np.isin(resample.keys, part.groups)
-        assert (resample.counts[:, members].sum(axis=1) == members.sum()).all()
+        assert (resample.counts[members].sum(axis=0) == members.sum()).all()
 
 
 def test_repeats_that_test_the_same_rows_alike_give_the_single_run_interval() -> None:
