@@ -125,6 +125,21 @@ def test_the_summary_names_the_best_run_and_each_run_s_paired_difference_to_it(s
     assert f"Not distinguishable from the best: `{tie}`." in markdown
 
 
+def test_a_run_whose_scores_change_is_compared_again(sweep, tmp_path) -> None:
+    sweep_dir, means, parts = sweep
+    spec = sweep_spec(tmp_path)
+    write_summary(sweep_dir, spec, plot=False)
+    assert read_rows(sweep_dir / "summary.csv")["bad"]["vs_best"] == "lower"
+    layout = fold_rows()
+    (sweep_dir / "loao" / "bad" / "scores.csv").unlink()
+    (sweep_dir / "loao" / "bad").rename(sweep_dir / "old-bad")
+    better = [s + 3.0 * l for s, (_, _, l, _) in zip(scored(layout, 1.6, 1), layout)]
+    write_run(sweep_dir, "bad", 2, layout, better, {"model.detector.init_args.l2": 0.01}, "MLPDetector(l2=0.01)")
+    write_summary(sweep_dir, spec, plot=False)
+    rows = read_rows(sweep_dir / "summary.csv")
+    assert rows["bad"]["vs_best"] == "best" and float(rows["good"]["diff_ci_high"]) < 0
+
+
 def test_a_report_from_the_folders_keeps_working_from_the_records(sweep, tmp_path) -> None:
     sweep_dir, means, _ = sweep
     spec = sweep_spec(tmp_path)

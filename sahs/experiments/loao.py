@@ -21,6 +21,7 @@ tested in exactly one fold and never trained on in that fold:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -369,7 +370,16 @@ class ScoredFolds:
 
     def same_rows(self, other: ScoredFolds) -> bool:
         """Whether ``other`` scored exactly these rows, fold by fold (what a paired comparison needs)."""
-        return self.keys == other.keys and all(np.array_equal(a, b) for a, b in zip(self.rows, other.rows))
+        return self.layout() == other.layout()
+
+    def layout(self) -> str:
+        """A digest of the folds, rows, labels and requests (not the scores): equal for runs that can be paired."""
+        digest = hashlib.sha1()
+        for key, rows, part in zip(self.keys, self.rows, self.parts):
+            digest.update(repr(key).encode())
+            for array in (rows.astype(np.int64), part.labels, np.char.encode(part.groups)):
+                digest.update(np.ascontiguousarray(array).tobytes() + b"|")
+        return digest.hexdigest()
 
 
 def load_scores(path: str | Path) -> ScoredFolds:

@@ -15,13 +15,15 @@ import csv
 import io
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
-from sahs.eval.intervals import paired_differences
-from sahs.experiments.loao import SCORES_FILE, ScoredFolds, load_scores
+from sahs.eval.intervals import Resample, draw_requests, percentile_interval, plain_auroc, replicates
+from sahs.experiments.loao import SCORES_FILE, load_scores
 from sahs.experiments.records import CONFIG_FILE, DEFINITION, METRICS_FILE, read_records, write_atomic
 from sahs.experiments.sweep_plots import PLOT, PLOTS, plot_sweep
 
@@ -84,43 +86,72 @@ def best_row(rows: list[dict[str, Any]], metric: str, goal: str = "maximize") ->
     return (max if goal == "maximize" else min)(done, key=lambda row: row[metric])
 
 
+@dataclass(frozen=True)
+class _Replicates:
+    """A run's ``loao/auroc_mean`` from its ``scores.csv`` and its replicates under its layout's resample."""
+
+    layout: str
+    value: float
+    draws: np.ndarray  # [n_boot]
+
+
+# Summaries are rewritten after every run: a run's replicates are kept while its scores.csv is unchanged,
+# and one resample per layout (runs that can be paired share it), so each summary computes the new runs only.
+_RUNS: dict[tuple[str, int, int], tuple[tuple[int, int], _Replicates]] = {}
+_RESAMPLES: dict[tuple[str, int, int], Resample] = {}
+
+
+def _replicates(path: Path, n_boot: int, seed: int) -> _Replicates:
+    stat, key = path.stat(), (str(path.resolve()), n_boot, seed)
+    if key in _RUNS and _RUNS[key][0] == (stat.st_mtime_ns, stat.st_size):
+        return _RUNS[key][1]
+    scored = load_scores(path)
+    layout = scored.layout()
+    if (layout, n_boot, seed) not in _RESAMPLES:
+        if len(_RESAMPLES) >= 4:  # a few layouts at most in one sweep: keep memory bounded
+            _RESAMPLES.clear()
+        _RESAMPLES[layout, n_boot, seed] = draw_requests(scored.parts, n_boot, seed)
+    draws = replicates(scored.parts, _RESAMPLES[layout, n_boot, seed]).mean(axis=1)
+    entry = _Replicates(layout, float(np.mean([plain_auroc(part) for part in scored.parts])), draws)
+    _RUNS[key] = ((stat.st_mtime_ns, stat.st_size), entry)
+    return entry
+
+
 def compare_to_best(rows: list[dict[str, Any]], best: dict[str, Any] | None, n_boot: int = N_BOOT,
                     level: float = LEVEL, seed: int = SEED) -> None:
     """Add to each finished row its paired difference in ``loao/auroc_mean`` to ``best`` (``DIFF`` columns).
 
     Both runs' ``scores.csv`` must hold the same test rows fold by fold (same data, split seed and
     repeats): requests are resampled once, within each of the best run's folds and classes, and each
-    replicate weighs a request alike in both runs. ``vs_best`` is ``best``, ``not distinguishable``
-    (the interval holds 0), ``lower`` / ``higher``, or why no comparison was made.
+    replicate weighs a request alike in both runs (``sahs.eval.intervals.paired_difference``).
+    ``vs_best`` is ``best``, ``not distinguishable`` (the interval holds 0), ``lower`` / ``higher``, or
+    why no comparison was made.
     """
     if best is None:
         return
-    scored: dict[str, ScoredFolds | str] = {}
+    found: dict[str, _Replicates | str] = {}
     for row in rows:
         if row["status"] == "finished":
             path = Path(row["dir"] or "") / SCORES_FILE
             try:
-                scored[row["run"]] = load_scores(path) if path.is_file() else "no scores.csv"
+                found[row["run"]] = _replicates(path, n_boot, seed) if path.is_file() else "no scores.csv"
             except ValueError as error:
-                scored[row["run"]] = str(error)
-    reference = scored.get(best["run"])
-    paired = [row for row in rows if isinstance(reference, ScoredFolds) and row["run"] != best["run"]
-              and isinstance(scored.get(row["run"]), ScoredFolds) and scored[row["run"]].same_rows(reference)]
-    estimates = paired_differences(reference.parts, [scored[row["run"]].parts for row in paired], n_boot, seed,
-                                   level) if paired else []
-    for row, estimate in zip(paired, estimates):
-        row.update(zip(DIFF[:3], (estimate.value, estimate.low, estimate.high)))
-        row["vs_best"] = ("not distinguishable" if estimate.contains(0.0)
-                          else "lower" if estimate.high < 0 else "higher")
+                found[row["run"]] = str(error)
+    reference = found.get(best["run"])
     for row in rows:
-        if row["status"] != "finished" or "vs_best" in row:
+        if row["status"] != "finished":
             continue
-        row.update(dict.fromkeys(DIFF[:3]))
+        row.update(dict.fromkeys(DIFF))
+        mine = found.get(row["run"])
         if row["run"] == best["run"]:
             row.update(diff_to_best=0.0, vs_best="best")
+        elif isinstance(mine, _Replicates) and isinstance(reference, _Replicates) and mine.layout == reference.layout:
+            estimate = percentile_interval(mine.value - reference.value, mine.draws - reference.draws, level)
+            row.update(zip(DIFF[:3], (estimate.value, estimate.low, estimate.high)))
+            row["vs_best"] = ("not distinguishable" if estimate.contains(0.0)
+                              else "lower" if estimate.high < 0 else "higher")
         else:
-            reason = scored.get(row["run"]) if isinstance(scored.get(row["run"]), str) else (
-                reference if isinstance(reference, str) else "other test rows")
+            reason = mine if isinstance(mine, str) else reference if isinstance(reference, str) else "other test rows"
             row["vs_best"] = f"not compared: {reason}"
 
 
