@@ -54,6 +54,8 @@ class Part:
 
     @staticmethod
     def of(scores, labels, groups=None) -> Part:
+        """A checked part; ``groups`` None makes every row a request of its own, named by its position
+        (parts resampled together must name their requests apart: a shared name is one request)."""
         scores = np.asarray(scores, dtype=np.float64).reshape(-1)
         labels = np.asarray(labels).reshape(-1).astype(np.int64)
         groups = np.arange(len(scores)).astype(str) if groups is None else np.asarray(groups, dtype=str).reshape(-1)
