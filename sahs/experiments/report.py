@@ -23,7 +23,6 @@ import numpy as np
 import yaml
 
 from sahs.eval.intervals import Resample, draw_requests, percentile_interval, plain_auroc, replicates
-from sahs.experiments.loao import SCORES_FILE, load_scores
 from sahs.experiments.records import CONFIG_FILE, DEFINITION, METRICS_FILE, read_records, write_atomic
 from sahs.experiments.sweep_plots import PLOT, PLOTS, plot_sweep
 
@@ -102,6 +101,8 @@ _RESAMPLES: dict[tuple[str, int, int], Resample] = {}
 
 
 def _replicates(path: Path, n_boot: int, seed: int) -> _Replicates:
+    from sahs.experiments.loao import load_scores  # torch: only when there are scores to read
+
     stat, key = path.stat(), (str(path.resolve()), n_boot, seed)
     if key in _RUNS and _RUNS[key][0] == (stat.st_mtime_ns, stat.st_size):
         return _RUNS[key][1]
@@ -129,6 +130,8 @@ def compare_to_best(rows: list[dict[str, Any]], best: dict[str, Any] | None, n_b
     """
     if best is None:
         return
+    from sahs.experiments.loao import SCORES_FILE
+
     found: dict[str, _Replicates | str] = {}
     for row in rows:
         if row["status"] == "finished":
