@@ -5,11 +5,11 @@ resamples whole requests, never rows. Each replicate draws, within each stratum 
 its requests), as many requests as the stratum holds, with replacement; a request drawn ``c`` times
 weighs ``c`` in every row it has. Strata keep every replicate's class balance and fold sizes fixed, so
 no replicate lacks a class. The AUROC of a replicate is the weighted Mann-Whitney statistic, computed for
-all replicates at once after one sort of the scores. Intervals are percentile intervals of the replicates.
+all replicates at once (``weighted_auroc``). Intervals are percentile intervals of the replicates.
 
 Draw order (what makes a seed reproducible): ``numpy.random.default_rng(seed)``; strata in sorted
 ``(part, class)`` order, requests of a stratum in sorted order; per stratum one
-``rng.integers(0, m, size=(n_boot, m))`` of drawn request positions.
+``rng.integers(0, m, size=(n_boot, m), dtype=draw_dtype(m))`` of drawn request positions.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ class Part:
 class Resample:
     """Bootstrap counts: ``counts[j, b]`` is how often request ``keys[j]`` is drawn in replicate ``b``."""
 
-    keys: np.ndarray  # [G] request ids, stratum by stratum
+    keys: np.ndarray  # [G] request ids, sorted
+    position: np.ndarray  # [G] row of each key in ``counts`` (rows run stratum by stratum)
     counts: np.ndarray  # [G, n_boot]: a request's counts are contiguous, so a part gathers whole rows
 
     @property
@@ -81,64 +82,87 @@ class Resample:
 
     def rows_of(self, groups: np.ndarray) -> np.ndarray:
         """The row of ``counts`` of each of ``groups`` (every one must have been drawn)."""
-        sorter = np.argsort(self.keys)
-        where = sorter[np.minimum(np.searchsorted(self.keys, groups, sorter=sorter), len(self.keys) - 1)]
-        if not (self.keys[where] == groups).all():
+        found = np.minimum(np.searchsorted(self.keys, groups), len(self.keys) - 1)
+        if not (self.keys[found] == groups).all():
             raise ValueError("a part holds requests that the resample did not draw")
-        return where
+        return self.position[found]
 
 
 def draw_requests(parts: Sequence[Part], n_boot: int = 1000, seed: int = 0) -> Resample:
     """Stratified request bootstrap over ``parts`` (stratum: part index and the request's class).
 
-    A request in several parts is stratified by the first; a request's class is its largest label.
-    Draw order: strata in sorted ``(part, class)`` order, each with one ``rng.integers(0, m, size=(n_boot, m))``
-    of positions among its ``m`` requests (sorted).
+    A request in several parts is stratified by the first; its class is its largest label there. Draw
+    order: strata in sorted ``(part, class)`` order, each with one ``rng.integers(0, m, size=(n_boot, m),
+    dtype=draw_dtype(m))`` of positions among its ``m`` requests (sorted).
     """
     if n_boot < 1:
         raise ValueError(f"n_boot must be at least 1, got {n_boot}")
-    first: dict[str, tuple[int, int]] = {}
-    for index, part in enumerate(parts):
-        keys, inverse = np.unique(part.groups, return_inverse=True)
-        classes = np.zeros(len(keys), dtype=np.int64)
-        np.maximum.at(classes, inverse.reshape(-1), part.labels)
-        for key, cls in zip(keys.tolist(), classes.tolist()):
-            first.setdefault(key, (index, cls))
-    ordered = sorted(first, key=lambda key: (first[key], key))  # stratum-major, sorted within
-    keys = np.array(ordered, dtype=str)
-    codes = np.unique(np.array([first[key] for key in ordered]).reshape(-1, 2), axis=0, return_inverse=True)[1]
-    sizes = np.bincount(codes.reshape(-1))  # [strata]
+    groups = np.concatenate([part.groups for part in parts])
+    labels = np.concatenate([part.labels for part in parts])
+    part_of = np.repeat(np.arange(len(parts)), [len(part.groups) for part in parts])
+    keys, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    home = part_of[first]  # [G] the first part holding each request
+    in_home = part_of == home[inverse]
+    classes = np.zeros(len(keys), dtype=np.int64)
+    np.maximum.at(classes, inverse[in_home], labels[in_home])
+    order = np.lexsort((np.arange(len(keys)), classes, home))  # stratum by stratum, sorted within
+    position = np.empty(len(keys), dtype=np.int64)
+    position[order] = np.arange(len(keys))
+    strata = home[order] * 2 + classes[order]
+    sizes = np.diff(np.flatnonzero(np.r_[True, strata[1:] != strata[:-1], True]))  # [strata], in order
     rng = np.random.default_rng(seed)
-    counts = np.empty((len(keys), n_boot))  # [G, B]
+    counts = np.empty((len(keys), n_boot))  # [G, B], rows in stratum order
     start = 0
     for m in sizes.tolist():  # per stratum: its counts fit in cache, so the bincount is cheap
-        drawn = rng.integers(0, m, size=(n_boot, m))  # [B, m] positions among the stratum's requests
+        drawn = rng.integers(0, m, size=(n_boot, m), dtype=draw_dtype(m)).astype(np.int64)  # [B, m]
         drawn += m * np.arange(n_boot)[:, None]
         counts[start:start + m] = np.bincount(drawn.reshape(-1), minlength=n_boot * m).reshape(n_boot, m).T
         start += m
-    return Resample(keys, counts)
+    return Resample(keys, position, counts)
 
-def weighted_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+
+def draw_dtype(m: int) -> type:
+    """The integer type positions among ``m`` requests are drawn in: 16 bits when they fit (faster)."""
+    return np.uint16 if m < 2**16 else np.int64
+
+
+def weighted_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray,
+                   method: str | None = None) -> np.ndarray:
     """AUROC under each column of ``weights [n, B]`` (ties count one half); NaN where a class weighs nothing.
 
-    One sort of the scores; then the negative weight below each positive row is a cumulative sum down
-    the rows, for every replicate at once (rows contiguous: each step is one vector operation over B).
+    Per replicate, the sum over positive rows of their weight times the negative weight below them
+    (half of it at equal scores), for all replicates at once: ``"matrix"`` as one product of the
+    ``[positives, negatives]`` comparison matrix with the negative weights (BLAS; small folds), or
+    ``"cumsum"`` as a cumulative sum of the sorted negative weights read at each positive score (large
+    folds). ``None`` picks the cheaper. Both are exact: weights are counts, comparisons 0, 1/2 or 1.
     """
-    order = np.argsort(scores, kind="stable")
-    ordered, positive = scores[order], labels[order].astype(bool)
-    w = weights[order]  # [n, B]
-    neg = w * ~positive[:, None]
-    if len(ordered) > 1 and (ordered[1:] == ordered[:-1]).any():  # ties: sum within each tie block first
-        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-        pos, neg = np.add.reduceat(w * positive[:, None], starts, axis=0), np.add.reduceat(neg, starts, axis=0)
-        below = np.cumsum(neg, axis=0)
-        below -= 0.5 * neg  # strictly below, plus half of the own block
-    else:  # a positive row holds no negative weight: the cumulative sum at it is what lies below
-        pos, below = w[positive], np.cumsum(neg, axis=0)[positive]
-    wins = np.einsum("ib,ib->b", pos, below)
-    total = pos.sum(axis=0) * neg.sum(axis=0)
+    positive = labels.astype(bool)
+    s_pos, s_neg = scores[positive], scores[~positive]
+    w_pos, w_neg = weights[positive], weights[~positive]  # [n_pos, B], [n_neg, B]
+    if method is None:
+        method = "matrix" if len(s_pos) * len(s_neg) <= MATRIX_LIMIT * len(scores) else "cumsum"
+    if method == "matrix":
+        compare = (s_neg[None, :] < s_pos[:, None]).astype(weights.dtype)
+        compare += 0.5 * (s_neg[None, :] == s_pos[:, None])
+        below = compare @ w_neg  # [n_pos, B]
+    else:
+        order = np.argsort(s_neg, kind="stable")
+        s_neg, w_neg = s_neg[order], w_neg[order]
+        cumulative = np.zeros((len(s_neg) + 1, weights.shape[1]), dtype=weights.dtype)
+        np.cumsum(w_neg, axis=0, out=cumulative[1:])  # row k: the weight of the k lowest negatives
+        less = np.searchsorted(s_neg, s_pos, side="left")
+        equal_or_less = np.searchsorted(s_neg, s_pos, side="right")
+        below = cumulative[less]
+        if (equal_or_less != less).any():  # ties: half of the negatives at the same score
+            below += 0.5 * (cumulative[equal_or_less] - below)
+    wins = np.einsum("ib,ib->b", w_pos, below)
+    total = w_pos.sum(axis=0) * w_neg.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, wins / np.where(total > 0, total, 1.0), np.nan)
+
+
+MATRIX_LIMIT = 256  # the matrix while positives x negatives <= 256 x rows: about 1,000 balanced rows (measured)
 
 
 def replicates(parts: Sequence[Part], resample: Resample) -> np.ndarray:
