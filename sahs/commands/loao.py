@@ -15,11 +15,18 @@ class Options:
         top_k: Heads per fold: a count, or a fraction in (0, 1) (default: ``data.top_k``, else 16).
         transfer: Also train on each family and test on each other (the transfer matrix).
         max_iter: Most iterations of each fold's full-batch detector fit.
+        n_boot: Bootstrap replicates of every AUROC's interval (whole requests resampled within each fold).
+        level: Confidence level of the intervals.
+        repeats: Runs of the whole protocol with seeds seed, seed + 1, ...: figures are their means, and
+            loao/auroc_mean_std their spread.
     """
 
     top_k: float | None = None
     transfer: bool = False
     max_iter: int = 1000
+    n_boot: int = 1000
+    level: float = 0.95
+    repeats: int = 1
 
 
 @dataclass
@@ -75,27 +82,28 @@ def _leave_one_attack_out(options: Options, run, store, quiet: bool) -> LoaoRun:
     from sahs.commands import runs
     from sahs.experiments import LoaoSettings
     from sahs.experiments.records import METRICS_FILE
-    from sahs.experiments.loao import leave_one_attack_out
+    from sahs.experiments.loao import SCORES_FILE, leave_one_attack_out
     from sahs.experiments.transfer import transfer_matrix
 
     runs.log_config(run.loggers, run.config)
     datamodule = run.datamodule
-    inputs = load_inputs(run, store)
     detector = run.module.detector
+    settings = LoaoSettings(top_k=_top_k(options.top_k, datamodule.hparams.top_k), detector=detector,
+                            seed=run.seed, max_iter=options.max_iter, n_boot=options.n_boot, level=options.level,
+                            repeats=options.repeats)  # checked before the cache is read
+    inputs = load_inputs(run, store)
     if getattr(detector, "head_dim", 0) is None:  # group lasso needs each head's width
         detector.head_dim = inputs.head_dim
-    settings = LoaoSettings(top_k=_top_k(options.top_k, datamodule.hparams.top_k), detector=detector,
-                            seed=run.seed, max_iter=options.max_iter)
     settings.resolve_top_k(inputs.features.shape[1] * inputs.features.shape[2])  # before the first fold
     columns = (inputs.features, inputs.labels, inputs.attacks)
-    result = leave_one_attack_out(*columns, settings, layers=inputs.layers, groups=inputs.groups,
+    result = leave_one_attack_out(*columns, settings, layers=inputs.layers, groups=inputs.groups, ids=inputs.ids,
                                   progress=lambda line: print(f"[sahs] {run.dir.name} {line}", flush=True),
                                   rankings=inputs.rankings)
     result.save(run.dir)
     summary = result.summary()
-    files = [run.dir / name for name in (runs.CONFIG_FILE, "loao.json", "loao.csv", METRICS_FILE)]
+    files = [run.dir / name for name in (runs.CONFIG_FILE, "loao.json", "loao.csv", SCORES_FILE, METRICS_FILE)]
     if options.transfer:
-        transfer = transfer_matrix(*columns, settings, layers=inputs.layers, groups=inputs.groups,
+        transfer = transfer_matrix(*columns, settings.with_(repeats=1), layers=inputs.layers, groups=inputs.groups,
                                    rankings=inputs.rankings)
         files += [transfer.save(run.dir), transfer.plot(run.dir / "transfer.png")]
         summary.update({f"transfer/{a}->{b}": float(transfer.auroc[i, j])
@@ -105,10 +113,24 @@ def _leave_one_attack_out(options: Options, run, store, quiet: bool) -> LoaoRun:
         logger.log_metrics(summary)
     runs.log_files(run.loggers, run.dir, files, "loao")
     if not quiet:
-        print("[sahs] leave-one-attack-out (held-out family: AUROC, ASR, PR)")
-        for fold in result.folds:
-            m = fold.metrics
-            print(f"  {fold.attack:<12} auroc={m['auroc']:.4f}  asr={m['asr']:.4f}  pr={m['pr']:.4f}  "
-                  f"n_test={fold.n_test}  n_benign_share={fold.n_benign_share}  n_removed={fold.n_removed}")
-        print(f"[sahs] loao/auroc_mean={result.auroc_mean:.4f}  loao/auroc_min={result.auroc_min:.4f}  ({run.dir})")
+        print(table(result, run.dir))
     return LoaoRun(run.dir, run.config, summary)
+
+
+def table(result, run_dir: Path) -> str:
+    """The console table: each held-out family's AUROC with its interval, ASR, PR and fit, then the mean."""
+    level = result.auroc_interval.level
+    repeats = f", mean of {len(result.repeats)} repeats" if result.repeats else ""
+    lines = [f"[sahs] leave-one-attack-out (held-out family: AUROC [{level:.0%} interval], ASR, PR{repeats})"]
+    for fold in result.folds:
+        m = fold.metrics
+        fit = "" if fold.converged is None else f"  iter={fold.n_iter}" + ("" if fold.converged else " (max_iter)")
+        lines.append(f"  {fold.attack:<12} auroc={fold.auroc_ci.text()}  asr={m['asr']:.4f}  pr={m['pr']:.4f}  "
+                     f"n_test={fold.n_test}  n_benign_share={fold.n_benign_share}  n_removed={fold.n_removed}{fit}")
+    spread = "" if result.auroc_mean_std is None else f" (std over repeats {result.auroc_mean_std:.4f})"
+    lines.append(f"[sahs] loao/auroc_mean={result.auroc_interval.text()}{spread}  loao/auroc_min={result.auroc_min:.4f}"
+                 f"  ({run_dir})")
+    if result.folds_not_converged:
+        lines.append(f"[sahs] {result.folds_not_converged} fold fit(s) stopped at max_iter: raise --loao.max_iter "
+                     "or the detector's regularization")
+    return "\n".join(lines)

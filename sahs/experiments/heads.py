@@ -57,10 +57,14 @@ class HeadDetector:
         return self.detector.decision_function(self.inputs(features, rows))
 
     def evaluate(self, features: torch.Tensor, labels: torch.Tensor, part: str,
-                 rows: torch.Tensor | None = None) -> dict[str, float]:
-        """Every detection metric on these rows (``rows`` of ``features`` and ``labels``, or all) at the threshold."""
+                 rows: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> dict[str, float]:
+        """Every detection metric on these rows (``rows`` of ``features`` and ``labels``, or all) at the threshold.
+
+        ``scores``: the rows' ``decision_function``, when the caller already has it.
+        """
         labels = torch.as_tensor(labels) if rows is None else torch.as_tensor(labels)[rows]
-        metrics = detection_report(self.decision_function(features, rows), labels, self.threshold, part=part)
+        scores = self.decision_function(features, rows) if scores is None else scores
+        metrics = detection_report(scores, labels, self.threshold, part=part)
         metrics["num_heads"] = float(len(self.heads))
         if hasattr(self.detector, "active_heads") and getattr(self.detector, "head_dim", None):
             metrics["active_heads"] = float(self.detector.active_heads())

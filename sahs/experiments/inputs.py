@@ -24,6 +24,7 @@ class LoaoInputs:
     layers: list[int]  # model layer of each entry of the features' layer axis
     head_dim: int
     rankings: RankingStore | None = None  # the cache's head rankings: computed once, then reused
+    ids: np.ndarray | None = None  # [prompts] prompt id, for each run's scores.csv
 
     def select_layers(self, layers: list[int]) -> LoaoInputs:
         """The same prompts with only ``layers`` (model numbers) on the layer axis."""
@@ -71,7 +72,8 @@ class InputStore:
             layers = list(cache.layers) if self.every_layer else datamodule.candidate_layers(cache)
             inputs = LoaoInputs(datamodule.read_layers(layers, cache, dtype=None), cache.labels,
                                 datamodule.column("attack", cache), datamodule.column("group", cache),
-                                layers, cache.layout["head_dim"], RankingStore.for_cache(cache))
+                                layers, cache.layout["head_dim"], RankingStore.for_cache(cache),
+                                datamodule.column("id", cache))
             self._read[where] = (cache, inputs)
         cache, inputs = self._read[where]
         return inputs.select_layers(datamodule.candidate_layers(cache))

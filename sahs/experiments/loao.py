@@ -21,15 +21,17 @@ tested in exactly one fold and never trained on in that fold:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sahs.data.splits import split_rows
+from sahs.eval.intervals import Estimate, Part, repeated_mean_auroc
 from sahs.eval.metrics import require_classes
 from sahs.experiments.heads import HeadDetector, fit_head_detector
 from sahs.data.rankings import RankingStore
@@ -137,7 +139,11 @@ def _check_fold(family: str, labels: np.ndarray, test_rows: np.ndarray, train_ro
 
 @dataclass
 class FoldResult:
-    """One held-out family: its test metrics and what the other families' fit chose."""
+    """One held-out family: its test metrics and what the other families' fit chose.
+
+    With repeats, ``metrics`` are means over repeats and the rest (heads, threshold, model, counts,
+    ``rows``/``scores``) is the first repeat's; ``n_iter`` is the largest and ``converged`` holds for all.
+    """
 
     attack: str
     n_train: int
@@ -148,13 +154,35 @@ class FoldResult:
     n_removed: int = 0  # training rows dropped as other forms of the requests this fold tests
     n_benign_share: int = 0  # benign test rows lent by the benign-only families (single-label mixes)
     model: HeadDetector | None = field(default=None, repr=False)
+    n_iter: int | None = None  # iterations of the detector's full-batch fit
+    converged: bool | None = None  # False: the fit stopped at max_iter (None: the detector does not say)
+    auroc_ci: Estimate | None = None  # the AUROC's request-bootstrap interval
+    rows: np.ndarray | None = field(default=None, repr=False)  # [n_test] tested row indices
+    scores: np.ndarray | None = field(default=None, repr=False)  # [n_test] detector scores of those rows
+
+    def part(self, labels: np.ndarray, groups: np.ndarray) -> Part:
+        """The fold's scored test rows, for the intervals."""
+        return Part.of(self.scores, labels[self.rows], groups[self.rows])
+
+    def record(self) -> dict:
+        """The fold as ``loao.json`` and ``loao.csv`` hold it."""
+        ci = self.auroc_ci or Estimate(self.metrics["auroc"])
+        return dict(attack=self.attack, n_train=self.n_train, n_test=self.n_test, n_removed=self.n_removed,
+                    n_benign_share=self.n_benign_share, threshold=self.threshold, heads=self.heads,
+                    **self.metrics, auroc_ci_low=ci.low, auroc_ci_high=ci.high, n_iter=self.n_iter,
+                    converged=self.converged)
 
 
 @dataclass
 class LoaoResult:
-    """All folds of a leave-one-attack-out run."""
+    """All folds of a leave-one-attack-out run (with repeats: the folds' means, and every repeat's own)."""
 
     folds: list[FoldResult]
+    auroc_interval: Estimate | None = None  # of auroc_mean
+    repeats: list[list[FoldResult]] = field(default_factory=list)  # every repeat's folds, first repeat first
+    ids: np.ndarray | None = field(default=None, repr=False)  # [prompts] prompt ids, for scores.csv
+    groups: np.ndarray | None = field(default=None, repr=False)  # [prompts] request ids
+    labels: np.ndarray | None = field(default=None, repr=False)  # [prompts]
 
     @property
     def auroc_mean(self) -> float:
@@ -164,34 +192,78 @@ class LoaoResult:
     def auroc_min(self) -> float:
         return float(min(fold.metrics["auroc"] for fold in self.folds))
 
+    @property
+    def auroc_mean_std(self) -> float | None:
+        """Standard deviation (ddof 1) of ``auroc_mean`` across repeats; None for one run."""
+        if len(self.repeats) < 2:
+            return None
+        return float(np.std([np.mean([f.metrics["auroc"] for f in folds]) for folds in self.repeats], ddof=1))
+
+    @property
+    def folds_not_converged(self) -> int:
+        """Folds (of every repeat) whose detector fit stopped at max_iter."""
+        return sum(fold.converged is False for folds in (self.repeats or [self.folds]) for fold in folds)
+
     def summary(self, prefix: str = "loao") -> dict[str, float]:
-        """Flat ``stage/name`` metrics: means over folds, ``auroc_min`` and every fold's own numbers."""
-        out = {f"{prefix}/auroc_mean": self.auroc_mean, f"{prefix}/auroc_min": self.auroc_min}
+        """Flat ``stage/name`` metrics: means over folds with the AUROC's interval, ``auroc_min``, every
+        fold's own numbers, the count of folds that hit max_iter and (repeats) ``auroc_mean_std``."""
+        mean = self.auroc_interval or Estimate(self.auroc_mean)
+        out = {**mean.as_dict(f"{prefix}/auroc_mean"), f"{prefix}/auroc_min": self.auroc_min}
+        if self.auroc_mean_std is not None:
+            out[f"{prefix}/auroc_mean_std"] = self.auroc_mean_std
         for name in self.folds[0].metrics:
             if name != "auroc":
                 out[f"{prefix}/{name}_mean"] = float(np.mean([fold.metrics[name] for fold in self.folds]))
         for fold in self.folds:
             out.update({f"{prefix}/{fold.attack}/{name}": value for name, value in fold.metrics.items()})
-        return out
+            if fold.auroc_ci is not None:
+                out.update({f"{prefix}/{fold.attack}/auroc_ci_{end}": getattr(fold.auroc_ci, end)
+                            for end in ("low", "high")})
+        out[f"{prefix}/folds_not_converged"] = self.folds_not_converged
+        return {name: value for name, value in out.items() if value is not None}
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``loao.json`` (summary and folds) and ``loao.csv`` (one row per fold)."""
+        """Write ``loao.json`` (summary and folds), ``loao.csv`` (one row per fold) and ``scores.csv``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        folds = [
-            dict(attack=f.attack, n_train=f.n_train, n_test=f.n_test, n_removed=f.n_removed,
-                 n_benign_share=f.n_benign_share, threshold=f.threshold, heads=f.heads, **f.metrics)
-            for f in self.folds
-        ]
-        payload = {"auroc_mean": self.auroc_mean, "auroc_min": self.auroc_min, "folds": folds}
+        folds = [fold.record() for fold in self.folds]
+        mean = self.auroc_interval or Estimate(self.auroc_mean)
+        payload = {"auroc_mean": self.auroc_mean, "auroc_mean_ci_low": mean.low, "auroc_mean_ci_high": mean.high,
+                   "level": mean.level, "auroc_min": self.auroc_min, "folds_not_converged": self.folds_not_converged}
+        if self.auroc_mean_std is not None:
+            payload.update(auroc_mean_std=self.auroc_mean_std, repeats=[
+                {"auroc_mean": float(np.mean([f.metrics["auroc"] for f in run])), "folds": [f.record() for f in run]}
+                for run in self.repeats])
+        payload["folds"] = folds
         (directory / "loao.json").write_text(json.dumps(payload, indent=1))
         with open(directory / "loao.csv", "w", newline="") as handle:
             columns = ["attack", "n_train", "n_test", "n_removed", "n_benign_share", "threshold",
-                       *self.folds[0].metrics]
+                       *self.folds[0].metrics, "auroc_ci_low", "auroc_ci_high", "n_iter", "converged"]
             writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(folds)
+        if all(fold.scores is not None for fold in self.folds) and self.labels is not None:
+            self._save_scores(directory / SCORES_FILE)
         return directory / "loao.json"
+
+    def _save_scores(self, path: Path) -> None:
+        """One line per (fold, test row): what paired comparisons between runs read."""
+        runs = self.repeats if len(self.repeats) > 1 else [self.folds]
+        n = len(self.labels)
+        ids = self.ids if self.ids is not None else np.arange(n).astype(str)
+        groups = self.groups if self.groups is not None else np.arange(n).astype(str)
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(SCORES_COLUMNS + (["repeat"] if len(runs) > 1 else []))
+            for repeat, folds in enumerate(runs):
+                for fold in folds:
+                    for row, score in zip(fold.rows.tolist(), fold.scores.tolist()):
+                        line = [fold.attack, row, ids[row], groups[row], int(self.labels[row]), repr(score)]
+                        writer.writerow(line + ([repeat] if len(runs) > 1 else []))
+
+
+SCORES_FILE = "scores.csv"
+SCORES_COLUMNS = ["fold", "row", "id", "group", "label", "score"]
 
 
 def _as_columns(features, labels, attacks, groups):
@@ -213,10 +285,15 @@ def leave_one_attack_out(
     *,
     layers: Sequence[int] | None = None,
     groups: Sequence | np.ndarray | None = None,
+    ids: Sequence | np.ndarray | None = None,
     progress: Callable[[str], None] | None = None,
     rankings: RankingStore | None = None,
 ) -> LoaoResult:
     """One fold per attack family; see the module docstring for what each fold may see.
+
+    Every AUROC gets a request-bootstrap interval (``settings.n_boot``, ``settings.level``: requests
+    resampled within each fold, ``sahs.eval.intervals``). ``settings.repeats`` runs the protocol with
+    seeds ``seed, seed + 1, ...`` (splits, dealing, ranking, initialization) and reports the means.
 
     Args:
         features: ``[n, layers, heads, head_dim]`` activations at the first generated token.
@@ -224,14 +301,44 @@ def leave_one_attack_out(
         attacks: Attack family of each prompt (benign prompts included): the families with malicious
             prompts are the folds; the others are the benign pool.
         settings: What each fold fits and how (heads, detector, threshold, seed; the seed also deals
-            shared requests and the benign pool's shares to folds).
+            shared requests and the benign pool's shares to folds), and the intervals and repeats.
         layers: Model layer number of each entry of the features' layer axis (``0..L-1`` when None).
-        groups: Request id of each prompt; a request tested in a fold never reaches its training.
+        groups: Request id of each prompt; a request tested in a fold never reaches its training, and the
+            intervals resample whole requests.
+        ids: Prompt id of each prompt, for ``scores.csv`` (row numbers when None).
         progress: Called with a line such as ``"fold 2/5 'typo'"`` before each fold is fitted.
         rankings: Where each fold's head ranking is looked up and kept (``RankingStore``), so that
             runs differing only in top_k, detector or its regularization fit detectors only.
     """
     features, labels, attacks, groups = _as_columns(features, labels, attacks, groups)
+    requests = np.arange(len(labels)).astype(str) if groups is None else groups
+    runs = []
+    for repeat in range(settings.repeats):
+        say = progress if progress is None or settings.repeats == 1 else (
+            lambda line, r=repeat: progress(f"repeat {r + 1}/{settings.repeats} {line}"))
+        runs.append(_run_folds(features, labels, attacks, groups, settings.with_(seed=settings.seed + repeat),
+                               layers, say, rankings))
+    y = labels.numpy()
+    parts = [[fold.part(y, requests) for fold in folds] for folds in runs]
+    mean, per_fold = repeated_mean_auroc(parts, settings.n_boot, settings.seed, settings.level)
+    folds = runs[0] if len(runs) == 1 else [_mean_over_repeats([run[i] for run in runs]) for i in range(len(runs[0]))]
+    for fold, interval in zip(folds, per_fold):
+        fold.auroc_ci = interval
+    return LoaoResult(folds, mean, runs if len(runs) > 1 else [], None if ids is None else np.asarray(ids, dtype=str),
+                      requests, y)
+
+
+def _mean_over_repeats(folds: list[FoldResult]) -> FoldResult:
+    """One family's fold over repeats: metrics averaged, the rest from the first repeat (see FoldResult)."""
+    first = folds[0]
+    metrics = {name: float(np.mean([fold.metrics[name] for fold in folds])) for name in first.metrics}
+    iterations = [fold.n_iter for fold in folds if fold.n_iter is not None]
+    converged = None if any(fold.converged is None for fold in folds) else all(fold.converged for fold in folds)
+    return replace(first, metrics=metrics, n_iter=max(iterations) if iterations else None, converged=converged)
+
+
+def _run_folds(features, labels, attacks, groups, settings: LoaoSettings, layers, progress, rankings) -> list[FoldResult]:
+    """The protocol once, at ``settings.seed``: every fold fitted and scored."""
     folds = loao_folds(labels, attacks, groups, seed=settings.seed)
     results = []
     for index, fold in enumerate(folds, start=1):
@@ -241,8 +348,51 @@ def leave_one_attack_out(
         fitted = fit_head_detector(
             features, labels, settings, rows=fold.train_rows, layers=layers, attacks=attacks, groups=groups,
             name=f"fold {fold.attack!r}: the training families", rank=None if rankings is None else rankings.rank)
+        scores = fitted.decision_function(features, fold.test_rows)
         metrics = fitted.evaluate(features, labels, part=f"fold {fold.attack!r}: the held-out prompts",
-                                  rows=fold.test_rows)
+                                  rows=fold.test_rows, scores=scores)
+        n_iter = getattr(fitted.detector, "n_iter_", None)
+        converged = getattr(fitted.detector, "converged_", None)
         results.append(FoldResult(fold.attack, len(fold.train_rows), len(fold.test_rows), metrics, fitted.heads,
-                                  fitted.threshold, fold.removed, fold.benign_share, fitted))
-    return LoaoResult(results)
+                                  fitted.threshold, fold.removed, fold.benign_share, fitted,
+                                  None if n_iter is None else int(n_iter), None if converged is None else bool(converged),
+                                  rows=fold.test_rows.numpy(), scores=scores.detach().cpu().double().numpy()))
+    return results
+
+
+@dataclass(frozen=True)
+class ScoredFolds:
+    """A run's ``scores.csv``: its (repeat, fold) parts in file order, each with its row numbers."""
+
+    keys: list[tuple[int, str]]
+    rows: list[np.ndarray]
+    parts: list[Part]
+
+    def same_rows(self, other: ScoredFolds) -> bool:
+        """Whether ``other`` scored exactly these rows, fold by fold (what a paired comparison needs)."""
+        return self.layout() == other.layout()
+
+    def layout(self) -> str:
+        """A digest of the folds, rows, labels and requests (not the scores): equal for runs that can be paired."""
+        digest = hashlib.sha1()
+        for key, rows, part in zip(self.keys, self.rows, self.parts):
+            digest.update(repr(key).encode())
+            for array in (rows.astype(np.int64), part.labels, np.char.encode(part.groups)):
+                digest.update(np.ascontiguousarray(array).tobytes() + b"|")
+        return digest.hexdigest()
+
+
+def load_scores(path: str | Path) -> ScoredFolds:
+    """Read a run's ``scores.csv`` (``SCORES_COLUMNS``, and ``repeat`` when the run repeated the protocol)."""
+    with open(path, newline="") as handle:
+        lines = list(csv.DictReader(handle))
+    if not lines or any(name not in lines[0] for name in SCORES_COLUMNS):
+        raise ValueError(f"{path} is not a LOAO scores file: it needs the columns {', '.join(SCORES_COLUMNS)}")
+    grouped: dict[tuple[int, str], list[dict]] = {}
+    for line in lines:
+        grouped.setdefault((int(line.get("repeat") or 0), line["fold"]), []).append(line)
+    keys = list(grouped)
+    rows = [np.array([int(line["row"]) for line in grouped[key]]) for key in keys]
+    parts = [Part.of([float(line["score"]) for line in grouped[key]], [int(line["label"]) for line in grouped[key]],
+                     [line["group"] for line in grouped[key]]) for key in keys]
+    return ScoredFolds(keys, rows, parts)

@@ -1,10 +1,12 @@
 """The summary of a sweep, rebuilt from its runs' records and folders.
 
 - ``summary.csv`` and ``summary.md``: one row per run with its parameters, detector, head count, the
-  sweep's metric, ``loao/auroc_mean``, ``loao/auroc_min``, each family's AUROC, its folder and, for a
-  failed run, its error;
-- ``auroc_vs_heads.png``: LOAO AUROC against head count, one line per detector (mean solid, min dashed);
-- on W&B, the same table as a ``wandb.Table`` and the plot (``log_summary``).
+  sweep's metric, ``loao/auroc_mean`` with its interval, ``loao/auroc_min``, the folds that hit max_iter
+  (``not_converged``), each family's AUROC, its folder and, for a failed run, its error; then the paired
+  difference of its ``loao/auroc_mean`` to the best run's on the same test rows, with its interval
+  (``diff_to_best``, ``diff_ci_low``, ``diff_ci_high``) and ``vs_best``: whether it is distinguishable;
+- the plots of ``sahs.experiments.sweep_plots``;
+- on W&B, the same table as a ``wandb.Table`` and the plots (``log_summary``).
 """
 
 from __future__ import annotations
@@ -13,19 +15,23 @@ import csv
 import io
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
+from sahs.eval.intervals import Resample, draw_requests, percentile_interval, plain_auroc, replicates
 from sahs.experiments.records import CONFIG_FILE, DEFINITION, METRICS_FILE, read_records, write_atomic
+from sahs.experiments.sweep_plots import PLOT, PLOTS, plot_sweep
 
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
-PLOT = "auroc_vs_heads.png"
 MEAN, MIN = "loao/auroc_mean", "loao/auroc_min"
+INTERVAL = [f"{MEAN}_ci_low", f"{MEAN}_ci_high", f"{MEAN}_std"]
+DIFF = ["diff_to_best", "diff_ci_low", "diff_ci_high", "vs_best"]
+N_BOOT, LEVEL, SEED = 1000, 0.95, 0  # the paired comparisons' bootstrap
 
 
 def detector_label(config: dict[str, Any]) -> str:
@@ -54,8 +60,10 @@ def summary_rows(sweep_dir: str | Path, metric: str = MEAN, from_folders: bool =
             row["detector"] = detector_label(yaml.safe_load((folder / CONFIG_FILE).read_text()))
         heads = metrics.get("loao/num_heads_mean")
         row["heads"] = int(heads) if heads is not None and float(heads).is_integer() else heads
-        for name in dict.fromkeys([metric, MEAN, MIN]):
-            row[name] = metrics.get(name)
+        for name in dict.fromkeys([metric, MEAN, *INTERVAL, MIN]):
+            if name in metrics or not name.endswith("_std"):
+                row[name] = metrics.get(name)
+        row["not_converged"] = metrics.get("loao/folds_not_converged")
         families = sorted(key for key in metrics if key.count("/") == 2 and key.endswith("/auroc"))
         row.update({key: metrics[key] for key in families})
         row["dir"] = record.dir
@@ -77,6 +85,79 @@ def best_row(rows: list[dict[str, Any]], metric: str, goal: str = "maximize") ->
     return (max if goal == "maximize" else min)(done, key=lambda row: row[metric])
 
 
+@dataclass(frozen=True)
+class _Replicates:
+    """A run's ``loao/auroc_mean`` from its ``scores.csv`` and its replicates under its layout's resample."""
+
+    layout: str
+    value: float
+    draws: np.ndarray  # [n_boot]
+
+
+# Summaries are rewritten after every run: a run's replicates are kept while its scores.csv is unchanged,
+# and one resample per layout (runs that can be paired share it), so each summary computes the new runs only.
+_RUNS: dict[tuple[str, int, int], tuple[tuple[int, int], _Replicates]] = {}
+_RESAMPLES: dict[tuple[str, int, int], Resample] = {}
+
+
+def _replicates(path: Path, n_boot: int, seed: int) -> _Replicates:
+    from sahs.experiments.loao import load_scores  # torch: only when there are scores to read
+
+    stat, key = path.stat(), (str(path.resolve()), n_boot, seed)
+    if key in _RUNS and _RUNS[key][0] == (stat.st_mtime_ns, stat.st_size):
+        return _RUNS[key][1]
+    scored = load_scores(path)
+    layout = scored.layout()
+    if (layout, n_boot, seed) not in _RESAMPLES:
+        if len(_RESAMPLES) >= 4:  # a few layouts at most in one sweep: keep memory bounded
+            _RESAMPLES.clear()
+        _RESAMPLES[layout, n_boot, seed] = draw_requests(scored.parts, n_boot, seed)
+    draws = replicates(scored.parts, _RESAMPLES[layout, n_boot, seed]).mean(axis=1)
+    entry = _Replicates(layout, float(np.mean([plain_auroc(part) for part in scored.parts])), draws)
+    _RUNS[key] = ((stat.st_mtime_ns, stat.st_size), entry)
+    return entry
+
+
+def compare_to_best(rows: list[dict[str, Any]], best: dict[str, Any] | None, n_boot: int = N_BOOT,
+                    level: float = LEVEL, seed: int = SEED) -> None:
+    """Add to each finished row its paired difference in ``loao/auroc_mean`` to ``best`` (``DIFF`` columns).
+
+    Both runs' ``scores.csv`` must hold the same test rows fold by fold (same data, split seed and
+    repeats): requests are resampled once, within each of the best run's folds and classes, and each
+    replicate weighs a request alike in both runs (``sahs.eval.intervals.paired_difference``).
+    ``vs_best`` is ``best``, ``not distinguishable`` (the interval holds 0), ``lower`` / ``higher``, or
+    why no comparison was made.
+    """
+    if best is None:
+        return
+    from sahs.experiments.loao import SCORES_FILE
+
+    found: dict[str, _Replicates | str] = {}
+    for row in rows:
+        if row["status"] == "finished":
+            path = Path(row["dir"] or "") / SCORES_FILE
+            try:
+                found[row["run"]] = _replicates(path, n_boot, seed) if path.is_file() else "no scores.csv"
+            except ValueError as error:
+                found[row["run"]] = str(error)
+    reference = found.get(best["run"])
+    for row in rows:
+        if row["status"] != "finished":
+            continue
+        row.update(dict.fromkeys(DIFF))
+        mine = found.get(row["run"])
+        if row["run"] == best["run"]:
+            row.update(diff_to_best=0.0, vs_best="best")
+        elif isinstance(mine, _Replicates) and isinstance(reference, _Replicates) and mine.layout == reference.layout:
+            estimate = percentile_interval(mine.value - reference.value, mine.draws - reference.draws, level)
+            row.update(zip(DIFF[:3], (estimate.value, estimate.low, estimate.high)))
+            row["vs_best"] = ("not distinguishable" if estimate.contains(0.0)
+                              else "lower" if estimate.high < 0 else "higher")
+        else:
+            reason = mine if isinstance(mine, str) else reference if isinstance(reference, str) else "other test rows"
+            row["vs_best"] = f"not compared: {reason}"
+
+
 def _markdown(rows: list[dict[str, Any]], columns: list[str], title: str, best: dict | None, metric: str) -> str:
     def cell(value: Any) -> str:
         text = f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
@@ -88,40 +169,21 @@ def _markdown(rows: list[dict[str, Any]], columns: list[str], title: str, best: 
         counts[row["status"]] += 1
     lines.append(f"{len(rows)} runs: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + ".")
     if best is not None:
-        lines.append(f"Best: `{best['run']}` with {metric} = {best[metric]:.4f} ({best['dir']}).")
+        low, high = best.get(f"{MEAN}_ci_low"), best.get(f"{MEAN}_ci_high")
+        interval = "" if low is None else f" [{low:.4f}, {high:.4f}]"
+        figure = (f"{MEAN} = {best[MEAN]:.4f}{interval}" if metric == MEAN
+                  else f"{metric} = {best[metric]:.4f} ({MEAN} {best[MEAN]:.4f}{interval})")
+        lines.append(f"Best: `{best['run']}` with {figure} ({best['dir']}).")
+        tied = [row["run"] for row in rows if row.get("vs_best") == "not distinguishable"]
+        compared = [row for row in rows if row.get("diff_ci_low") is not None]
+        if compared:
+            lines += ["", f"`diff_to_best`: {MEAN} minus the best run's, on the same test rows, with its "
+                      f"{LEVEL:.0%} interval (paired bootstrap over requests, B = {N_BOOT}). "
+                      + (f"Not distinguishable from the best: {', '.join(f'`{name}`' for name in tied)}."
+                         if tied else f"Every compared run ({len(compared)}) is distinguishable from the best.")]
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(name)) for name in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def plot_auroc_vs_heads(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
-    """LOAO AUROC (mean solid, min dashed) against head count, one colour per detector."""
-    lines: dict[str, dict[float, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
-    for row in rows:
-        if row["status"] == "finished" and row.get("heads") is not None and row.get(MEAN) is not None:
-            lines[row.get("detector", "detector")][row["heads"]].append((row[MEAN], row[MIN]))
-    if not lines:
-        return None
-    figure = Figure(figsize=(7.5, 4.5 + 0.12 * len(lines)), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for index, (detector, points) in enumerate(sorted(lines.items())):
-        heads = sorted(points)
-        # several runs at one head count (other parameters varied): their average
-        means = [sum(m for m, _ in points[h]) / len(points[h]) for h in heads]
-        mins = [sum(m for _, m in points[h]) / len(points[h]) for h in heads]
-        color = f"C{index % 10}"
-        axes.plot(heads, means, "o-", color=color, label=f"{detector} mean")
-        axes.plot(heads, mins, "v--", color=color, alpha=0.7, label=f"{detector} min")
-    axes.set_xscale("log", base=2)
-    ticks = sorted({h for points in lines.values() for h in points})
-    axes.set_xticks(ticks, [f"{h:g}" for h in ticks])
-    axes.minorticks_off()
-    axes.set(title=f"{title}: leave-one-attack-out AUROC", xlabel="heads fed to the detector", ylabel="AUROC")
-    axes.grid(alpha=0.3)
-    figure.legend(fontsize=7, loc="outside lower center", ncols=2)
-    figure.savefig(path, dpi=120)
-    return path
 
 
 def write_summary(sweep_dir: str | Path, spec=None, plot: bool = True, from_folders: bool = False) -> list[Path]:
@@ -139,19 +201,18 @@ def write_summary(sweep_dir: str | Path, spec=None, plot: bool = True, from_fold
                                     "`sahs sweep` printed, e.g. outputs/demo/sweeps/demo_capacity")
         spec = load_sweep(sweep_dir / DEFINITION)
     rows = summary_rows(sweep_dir, spec.metric, from_folders)
+    best = best_row(rows, spec.metric, spec.goal)
+    compare_to_best(rows, best)
     columns = _columns(rows) if rows else ["run", "status"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(sweep_dir / SUMMARY_CSV, buffer.getvalue())
-    best = best_row(rows, spec.metric, spec.goal)
     write_atomic(sweep_dir / SUMMARY_MD, _markdown(rows, columns, spec.name, best, spec.metric))
     written = [sweep_dir / SUMMARY_CSV, sweep_dir / SUMMARY_MD]
-    partial = sweep_dir / f".{PLOT}.partial.png"
-    if plot and plot_auroc_vs_heads(rows, partial, spec.name) is not None:
-        partial.replace(sweep_dir / PLOT)
-        written.append(sweep_dir / PLOT)
+    if plot:
+        written += plot_sweep(rows, sweep_dir, spec.name, [p.name for p in spec.parameters], spec.method)
     return written
 
 
@@ -163,6 +224,7 @@ def log_summary(sweep_dir: str | Path, spec, *, offline: bool) -> None:
     rows = summary_rows(sweep_dir, spec.metric)
     if not rows:
         return
+    compare_to_best(rows, best_row(rows, spec.metric, spec.goal))
     columns = _columns(rows)
     run = wandb.init(project=spec.project, entity=spec.entity, group=spec.name, job_type="summary",
                      name=f"{spec.name}-summary", dir=str(sweep_dir), mode="offline" if offline else None,
@@ -170,8 +232,9 @@ def log_summary(sweep_dir: str | Path, spec, *, offline: bool) -> None:
     try:
         table = wandb.Table(columns=columns, data=[[_text(row.get(name)) for name in columns] for row in rows])
         logged: dict[str, Any] = {"sweep/summary": table}
-        if (sweep_dir / PLOT).is_file():
-            logged["sweep/auroc_vs_heads"] = wandb.Image(str(sweep_dir / PLOT))
+        for name in PLOTS:
+            if (sweep_dir / name).is_file():
+                logged[f"sweep/{Path(name).stem}"] = wandb.Image(str(sweep_dir / name))
         done = [row for row in rows if row["status"] == "finished" and row.get("heads") is not None]
         detectors = sorted({row.get("detector", "detector") for row in done})
         if done:

@@ -29,6 +29,10 @@ class LoaoSettings:
         target_tpr: Validation TPR the threshold must reach with the ``"tpr"`` rule.
         probe_l2: L2 penalty of the per-head ranking probes.
         max_iter: Most iterations of the detector's full-batch fit.
+        n_boot: Bootstrap replicates of the AUROC intervals (whole requests resampled within each fold).
+        level: Confidence level of the intervals, in (0, 1).
+        repeats: Runs of the whole protocol, with seeds ``seed``, ``seed + 1``, ...; figures are their
+            mean, and ``auroc_mean`` also gets its standard deviation across repeats.
     """
 
     top_k: int | float = 16
@@ -39,6 +43,9 @@ class LoaoSettings:
     target_tpr: float = 0.95
     probe_l2: float = 1e-2
     max_iter: int = 1000
+    n_boot: int = 1000
+    level: float = 0.95
+    repeats: int = 1
 
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction < 1:
@@ -48,6 +55,12 @@ class LoaoSettings:
                                 "or a share of all heads")
         if isinstance(self.top_k, int) and self.top_k < 1:
             raise SettingsError(f"top_k must be at least 1, got {self.top_k}")
+        if not isinstance(self.n_boot, int) or self.n_boot < 1:
+            raise SettingsError(f"n_boot must be a count of bootstrap replicates >= 1 (1000 is usual), got {self.n_boot}")
+        if not 0 < self.level < 1:
+            raise SettingsError(f"level must be a confidence level in (0, 1) such as 0.95, got {self.level}")
+        if not isinstance(self.repeats, int) or self.repeats < 1:
+            raise SettingsError(f"repeats must be a count >= 1 of runs of the protocol, got {self.repeats}")
 
     def with_(self, **changes) -> LoaoSettings:
         """A copy with some settings changed."""

@@ -91,16 +91,25 @@ def test_top_k_fraction_and_detector_factory(make_features, tmp_path) -> None:
     expected = {"loao/auroc_mean": np.mean(over_folds["auroc"]), "loao/auroc_min": min(over_folds["auroc"])}
     expected.update({f"loao/{name}_mean": np.mean(over_folds[name]) for name in names if name != "auroc"})
     expected.update({f"loao/{fold.attack}/{name}": fold.metrics[name] for fold in result.folds for name in names})
+    expected.update(result.auroc_interval.as_dict("loao/auroc_mean"))
+    expected.update({f"loao/{fold.attack}/auroc_ci_{end}": getattr(fold.auroc_ci, end) for fold in result.folds
+                     for end in ("low", "high")})
+    expected["loao/folds_not_converged"] = sum(getattr(fold.model.detector, "converged_", None) is False
+                                              for fold in result.folds)
     assert summary == pytest.approx(expected, abs=1e-12)
 
     saved = json.loads(result.save(tmp_path).read_text())
     assert saved["auroc_mean"] == pytest.approx(np.mean(over_folds["auroc"]))
     assert saved["auroc_min"] == min(over_folds["auroc"])
+    assert (saved["auroc_mean_ci_low"], saved["auroc_mean_ci_high"]) == (result.auroc_interval.low,
+                                                                         result.auroc_interval.high)
     for entry, fold in zip(saved["folds"], result.folds, strict=True):
         assert entry == {"attack": fold.attack, "n_train": fold.n_train, "n_test": fold.n_test,
                          "n_removed": fold.n_removed, "n_benign_share": fold.n_benign_share,
                          "threshold": fold.threshold,
-                         "heads": [list(head) for head in fold.heads], **fold.metrics}
+                         "heads": [list(head) for head in fold.heads], **fold.metrics,
+                         "auroc_ci_low": fold.auroc_ci.low, "auroc_ci_high": fold.auroc_ci.high,
+                         "n_iter": fold.model.detector.n_iter_, "converged": fold.converged}
     with open(tmp_path / "loao.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["attack"] for row in rows] == [fold.attack for fold in result.folds]
