@@ -115,3 +115,17 @@ def test_ranking_on_rows_equals_ranking_a_copy_of_them() -> None:
     copied = rank_heads(features[rows], labels[rows], attacks=attacks[rows.numpy()], seed=2, heads_per_chunk=5)
     torch.testing.assert_close(on_rows.auroc, copied.auroc, atol=1e-9, rtol=0)
     assert on_rows.meta["n_fit"] + on_rows.meta["n_holdout"] == len(rows)
+
+
+def test_solvers_report_whether_their_stopping_rule_held() -> None:
+    generator = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 2, (300,), generator=generator)
+    x = torch.randn(4, 300, 6, generator=generator)
+    x[0, :, 0] += 6 * labels  # nearly separable: needs the most steps
+    done = solve_probes(x.clone(), labels, l2=1e-3)
+    assert bool(done.converged.all()) and int(done.n_iter.max()) < 30
+    cut = solve_probes(x.clone(), labels, l2=1e-3, max_iter=1)
+    assert not bool(cut.converged[0]) and int(cut.n_iter[0]) == 1
+    flat = x[1]
+    assert bool(solve_lbfgs(flat, labels, l2=1e-2).converged)
+    assert not bool(solve_lbfgs(flat, labels, l2=1e-2, max_iter=1).converged)
