@@ -6,7 +6,7 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Optional
 
 import yaml
@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from sahs.commands import VERBS
 from sahs.commands import runs
 from sahs.data.datamodule import ActivationDataModule
+from sahs.errors import UserError
 from sahs.models.artifact import DetectorArtifact
 from sahs.models.module import DetectorModule
 
@@ -66,6 +67,8 @@ class SahsCLI(LightningCLI):
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt_path not in (None, "best", "last", "hpc", "registry"):
             self.datamodule.adopt(DetectorArtifact.read_checkpoint(ckpt_path).features)
+        if self.subcommand in ("validate", "test"):
+            self.config_init[self.subcommand]["verbose"] = False  # the summary below replaces Lightning's table
 
     before_validate = before_test = before_predict = _adopt_checkpoint_heads
 
@@ -84,6 +87,10 @@ class SahsCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         verb = self.subcommand or self.verb
+        if self.subcommand in ("validate", "test") and self.config_init[verb].get("ckpt_path") is None:
+            # Before the run folder exists: without a checkpoint it would score an untrained detector.
+            raise UserError(f"sahs {verb} scores a trained detector: give --ckpt_path "
+                            "(e.g. <run folder>/checkpoints/best-<epoch>.ckpt from `sahs fit`)")
         if verb is not None:
             self._place_run(verb)
         return super().instantiate_trainer(**kwargs)
@@ -108,20 +115,23 @@ class SahsCLI(LightningCLI):
         for run in (self.trainer.validate, self.trainer.test):
             for result in run(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False):
                 metrics.update(result)
+        best_epoch = self.model.checkpoint_epoch if ckpt_path else None
+        if best_epoch is not None:
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"best_epoch": best_epoch}, step=self.trainer.global_step)
         if self.trainer.is_global_zero:
-            overall = sorted(name for name in metrics if name.count("/") == 1 and not name.endswith("loss"))
-            print("[sahs] " + "  ".join(f"{name}={metrics[name]:.4f}" for name in overall))
-            print_by_family(metrics)
+            print_summary(metrics, {"best_epoch": best_epoch})
             run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             runs.log_files(self.trainer.loggers, run_dir,
                            [run_dir / runs.CONFIG_FILE, *sorted(run_dir.glob("head_ranking.*"))], "fit")
         self._close()
 
     def after_validate(self) -> None:
+        if self.trainer.is_global_zero:
+            print_summary(self.trainer.callback_metrics, {"epoch": self.model.checkpoint_epoch})
         self._close()
 
-    def after_test(self) -> None:
-        self._close()
+    after_test = after_validate
 
     def after_predict(self) -> None:
         self._close()
@@ -145,7 +155,15 @@ class SahsCLI(LightningCLI):
                 logger.log_image(key="heads/ranking", images=[str(heatmap)])
 
 
-def print_by_family(metrics: dict[str, float]) -> None:
+def print_summary(metrics: Mapping[str, float], context: dict[str, int | None]) -> None:
+    """The overall figures on one line (after ``context``, e.g. the best epoch), then the per-family tables."""
+    overall = sorted(name for name in metrics if name.count("/") == 1 and not name.endswith("loss"))
+    cells = [f"{name}={value}" for name, value in context.items() if value is not None]
+    print("[sahs] " + "  ".join(cells + [f"{name}={float(metrics[name]):.4f}" for name in overall]))
+    print_by_family(metrics)
+
+
+def print_by_family(metrics: Mapping[str, float]) -> None:
     """The ``<stage>/<metric>/<family>`` figures as one table per stage (blank where a family lacks a class)."""
     for stage in ("val", "test"):
         rows: dict[str, dict[str, float]] = {}
