@@ -156,10 +156,10 @@ class SahsCLI(LightningCLI):
 
 
 def print_summary(metrics: Mapping[str, float], context: dict[str, int | None]) -> None:
-    """The overall figures on one line (after ``context``, e.g. the best epoch), then the per-family tables."""
+    """The overall figures on one line (then ``context``, e.g. the best epoch), then the per-family tables."""
     overall = sorted(name for name in metrics if name.count("/") == 1 and not name.endswith("loss"))
     cells = [f"{name}={value}" for name, value in context.items() if value is not None]
-    print("[sahs] " + "  ".join(cells + [f"{name}={float(metrics[name]):.4f}" for name in overall]))
+    print("[sahs] " + "  ".join([f"{name}={float(metrics[name]):.4f}" for name in overall] + cells))
     print_by_family(metrics)
 
 
