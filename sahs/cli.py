@@ -33,7 +33,8 @@ class SaveRunConfig(SaveConfigCallback):
 
 
 class SahsCLI(LightningCLI):
-    """After ``fit``, the best checkpoint is validated and tested, and the AUROC figures printed.
+    """After ``fit``, the best checkpoint is validated and tested, and the figures printed with its epoch;
+    ``validate`` and ``test`` need ``--ckpt_path`` and print the same summary.
 
     Every verb's own options (``sahs.commands.<verb>.Options``) are a section of the run config, so
     one YAML can carry ``loao: {top_k: 8}`` and still run ``sahs fit``; so is ``run:`` (name, group,
