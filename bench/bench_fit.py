@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 python bench/bench_fit.py [--prompts 10000] [--top-k 32] [--cache DIR]
 
 A 7B-shaped cache (32 layers x 32 heads x 128, float16; synthetic features with twelve graded signal
-heads, as in ``bench_training.py`` but along the same directions in every slice) is written once to ``--cache`` (a temporary folder by default;
-2.6 GB for 10,000 prompts). On one CPU thread it then times, side by side:
+heads, as in ``bench_training.py`` but along the same directions in every slice) is written once to
+``--cache`` (a temporary folder by default; 2.6 GB for 10,000 prompts). On one CPU thread it then times, side by side:
 
 - ``sahs fit`` through the real command (``configs/demo.yaml``'s ``model:`` and callbacks, without the
   extraction: ``top_k`` heads ranked on the training split, warm start, SGD epochs, EarlyStopping on
@@ -132,12 +132,12 @@ def bench(cache: Path, top_k: int) -> dict[str, float]:
         epochs = trainer.current_epoch
 
     x, y = datamodule.split_tensors("train")
-    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
-    fit_cpu, fit_wall, detector = timed(lambda: LogisticDetector(l2=1e-3).fit(x, y))
-    mean, std = datamodule.split_tensors("train")[0].mean(0), datamodule.split_tensors("train")[0].std(0).clamp_min(1e-6)
-    full = {split: roc_auc_score(datamodule.split_tensors(split)[1].numpy(),
-                                 detector.decision_function((datamodule.split_tensors(split)[0] - mean) / std).numpy())
-            for split in ("val", "test")}
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    fit_cpu, fit_wall, detector = timed(lambda: LogisticDetector(l2=1e-3).fit((x - mean) / std, y))
+    full = {}
+    for split in ("val", "test"):
+        xs, ys = datamodule.split_tensors(split)
+        full[split] = roc_auc_score(ys.numpy(), detector.decision_function((xs - mean) / std).numpy())
 
     n_train = len(y)
     print(f"7B-shaped cache: {len(datamodule.labels)} prompts, top_k {top_k} = {features} features, "
