@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Optional
 
 import yaml
@@ -15,6 +16,7 @@ from sahs.__main__ import main, usage  # noqa: F401  (the entry point, kept impo
 from sahs.commands import LIGHTNING_VERBS
 from sahs.commands import checks, runs
 from sahs.data.datamodule import ActivationDataModule
+from sahs.errors import UserError
 from sahs.models.artifact import DetectorArtifact
 from sahs.models.module import DetectorModule
 
@@ -31,7 +33,8 @@ class SaveRunConfig(SaveConfigCallback):
 
 
 class SahsCLI(LightningCLI):
-    """After ``fit``, the best checkpoint is validated and tested, and the AUROC figures printed.
+    """After ``fit``, the best checkpoint is validated and tested, and the figures printed with its epoch;
+    ``validate`` and ``test`` need ``--ckpt_path`` and print the same summary.
 
     Every verb's own options (``sahs.commands.<verb>.Options``) are a section of the run config, so
     one YAML can carry ``loao: {top_k: 8}`` and still run ``sahs fit``; so is ``run:`` (name, group,
@@ -65,6 +68,8 @@ class SahsCLI(LightningCLI):
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt_path not in (None, "best", "last", "hpc", "registry"):
             self.datamodule.adopt(DetectorArtifact.read_checkpoint(ckpt_path).features)
+        if self.subcommand in ("validate", "test"):
+            self.config_init[self.subcommand]["verbose"] = False  # the summary below replaces Lightning's table
 
     before_validate = before_test = before_predict = _adopt_checkpoint_heads
 
@@ -84,6 +89,10 @@ class SahsCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         verb = self.subcommand or self.verb
+        if self.subcommand in ("validate", "test") and self.config_init[verb].get("ckpt_path") is None:
+            # Before the run folder exists: without a checkpoint it would score an untrained detector.
+            raise UserError(f"sahs {verb} scores a trained detector: give --ckpt_path "
+                            "(e.g. <run folder>/checkpoints/best-<epoch>.ckpt from `sahs fit`)")
         self._check_settings(verb)
         if verb is not None:
             self._place_run(verb)
@@ -115,20 +124,23 @@ class SahsCLI(LightningCLI):
         for run in (self.trainer.validate, self.trainer.test):
             for result in run(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False):
                 metrics.update(result)
+        best_epoch = self.model.checkpoint_epoch if ckpt_path else None
+        if best_epoch is not None:
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"best_epoch": best_epoch}, step=self.trainer.global_step)
         if self.trainer.is_global_zero:
-            overall = sorted(name for name in metrics if name.count("/") == 1 and not name.endswith("loss"))
-            print("[sahs] " + "  ".join(f"{name}={metrics[name]:.4f}" for name in overall))
-            print_by_family(metrics)
+            print_summary(metrics, {"best_epoch": best_epoch})
             run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             runs.log_files(self.trainer.loggers, run_dir,
                            [run_dir / runs.CONFIG_FILE, *sorted(run_dir.glob("head_ranking.*"))], "fit")
         self._close()
 
     def after_validate(self) -> None:
+        if self.trainer.is_global_zero:
+            print_summary(self.trainer.callback_metrics, {"epoch": self.model.checkpoint_epoch})
         self._close()
 
-    def after_test(self) -> None:
-        self._close()
+    after_test = after_validate
 
     def after_predict(self) -> None:
         self._close()
@@ -152,7 +164,15 @@ class SahsCLI(LightningCLI):
                 logger.log_image(key="heads/ranking", images=[str(heatmap)])
 
 
-def print_by_family(metrics: dict[str, float]) -> None:
+def print_summary(metrics: Mapping[str, float], context: dict[str, int | None]) -> None:
+    """The overall figures on one line (then ``context``, e.g. the best epoch), then the per-family tables."""
+    overall = sorted(name for name in metrics if name.count("/") == 1 and not name.endswith("loss"))
+    cells = [f"{name}={value}" for name, value in context.items() if value is not None]
+    print("[sahs] " + "  ".join([f"{name}={float(metrics[name]):.4f}" for name in overall] + cells))
+    print_by_family(metrics)
+
+
+def print_by_family(metrics: Mapping[str, float]) -> None:
     """The ``<stage>/<metric>/<family>`` figures as one table per stage (blank where a family lacks a class)."""
     for stage in ("val", "test"):
         rows: dict[str, dict[str, float]] = {}

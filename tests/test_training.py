@@ -151,7 +151,7 @@ def test_sparse_training_is_proximal_sgd_at_each_steps_learning_rate(tmp_path):
     detector = SparseL1Detector(l1=l1, group_lasso=True, head_dim=8)
     detector.build(datamodule.num_features)
     weight, bias = detector.linear.weight.detach().clone(), detector.linear.bias.detach().clone()
-    module = DecayingSGD(detector, lr=lr)
+    module = DecayingSGD(detector, lr=lr, warm_start=False)  # replayed from its random initialization
     trainer(3, accumulate_grad_batches=accumulate).fit(module, datamodule=datamodule)
 
     # Replayed by hand: each step averages `accumulate` batches (a short group at the end of an epoch is

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import lightning as L
@@ -12,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from sahs.data.selection import FeatureSelection
+from sahs.errors import UserError
 from sahs.eval.metrics import accuracy, choose_threshold, detection_report, family_report
 from sahs.models.artifact import CHECKPOINT_KEY, DetectorArtifact, build_detector, detector_spec
 from sahs.models.detectors import Detector, LogisticDetector
@@ -42,6 +44,21 @@ def step_size(optimizer: torch.optim.Optimizer, detector: Detector) -> float:
     return float(rates.pop())
 
 
+RANK_FIGURES = ("auroc", "auprc", "fpr95")  # figures of the scores' order alone, the same on logits
+
+
+class TrainingConfigError(UserError, ValueError):
+    """A ``model:`` training setting that cannot do what it says, named with its fix."""
+
+
+def own_penalty(detector: Detector) -> str | None:
+    """The detector's own regularization setting that is on (``l2=0.001``), or None."""
+    for name in ("l2", "l1"):
+        if getattr(detector, name, 0):
+            return f"{name}={getattr(detector, name)}"
+    return None
+
+
 class DetectorModule(L.LightningModule):
     """Binary malicious-prompt detector: BCE on one logit, optional standardization fitted on train.
 
@@ -52,27 +69,42 @@ class DetectorModule(L.LightningModule):
     they keep the heads in feature order, the cache fingerprint, the split and the detector's spec, so
     ``load_from_checkpoint`` needs no config, and a restored module hands its heads to the DataModule
     (``datamodule.adopt``), which refuses another selection or another model's cache.
+
+    With ``warm_start`` the detector starts from its full-batch optimum on the (standardized) training
+    split, ``Detector.fit``, which is what leave-one-attack-out fits; epoch 0 then takes its steps at
+    learning rate 0, so its validation scores and checkpoints that solution as it is, and later epochs
+    continue by minibatch at a cosine-decaying rate.
     """
 
     def __init__(
         self,
         detector: Detector | None = None,
-        lr: float = 1e-2,
+        lr: float = 1e-3,
         weight_decay: float = 0.0,
         standardize: bool = True,
         optimizer: Literal["auto", "adam", "sgd"] = "auto",
+        schedule: Literal["cosine", "constant"] = "cosine",
+        warm_start: bool = True,
         threshold_rule: Literal["tpr", "youden"] = "tpr",
         target_tpr: float = 0.95,
     ) -> None:
         """
         Args:
             detector: The network (``class_path``/``init_args``); the paper's logistic detector by default.
-            lr: Adam learning rate.
-            weight_decay: Adam weight decay (prefer the detector's own penalty, which spares the bias).
+            lr: Peak learning rate of the minibatch steps.
+            weight_decay: The optimizer's weight decay, for detectors without a penalty of their own; refused
+                beside the detector's ``l2``/``l1`` (one regularizer, not two) and with ``warm_start`` (the
+                full-batch fit knows only the detector's penalty).
             standardize: Scale features by mean and std of the training split before the detector.
-            optimizer: ``auto`` is Adam, except plain SGD for L1 / group-lasso detectors: their proximal
-                step follows each SGD step with the step's own learning rate (so LR schedulers and gradient
-                accumulation stay exact); Adam's per-weight scaling breaks it and is refused for them.
+            optimizer: ``auto`` is plain SGD, whose steps shrink with the gradient, so that a warm start stays
+                at its optimum, and so that the proximal step of L1 / group-lasso detectors, taken after each
+                SGD step at that step's learning rate, is exact (Adam's per-weight scaling breaks it and is
+                refused for them); Adam only for a smooth detector trained from scratch.
+            schedule: ``cosine`` decays the learning rate per epoch from ``lr`` towards 0 at ``max_epochs``;
+                ``constant`` keeps it.
+            warm_start: Start from the detector's full-batch optimum on the training split (``Detector.fit``)
+                and score it as epoch 0 (learning rate 0), so the best checkpoint is at least as good on
+                validation; off, the detector starts from its random initialization.
             threshold_rule: How validation chooses the operating threshold: ``tpr`` (the highest one flagging
                 ``target_tpr`` of malicious prompts) or ``youden`` (max TPR - FPR).
             target_tpr: The share of malicious validation prompts the ``tpr`` threshold flags.
@@ -91,6 +123,7 @@ class DetectorModule(L.LightningModule):
         self._labels: list[torch.Tensor] = []
         self._families: list[torch.Tensor] = []
         self.family_names: list[str] = []  # the DataModule's attack families, for per-family figures
+        self.checkpoint_epoch: int | None = None  # the epoch a loaded checkpoint was saved at
         self.loss = nn.BCEWithLogitsLoss()
 
     def setup(self, stage: str) -> None:
@@ -99,15 +132,43 @@ class DetectorModule(L.LightningModule):
         if self.feature_selection is not None:  # restored from a checkpoint: score the heads it was trained on
             datamodule.adopt(self.feature_selection)
         self.family_names = list(getattr(datamodule, "families", []))
-        if not self.detector.built:
-            if getattr(self.detector, "head_dim", 0) is None:  # group lasso needs each head's width
-                self.detector.head_dim = datamodule.head_dim
-            self.detector.build(datamodule.num_features)
+        if getattr(self.detector, "head_dim", 0) is None:  # group lasso needs each head's width
+            self.detector.head_dim = datamodule.head_dim
         if stage == "fit" or self.feature_mean.numel() == 0:
             x, _ = datamodule.split_tensors("train")
             self.feature_mean = x.mean(0) if self.hparams.standardize else torch.zeros(x.shape[1])
             self.feature_std = x.std(0).clamp_min(1e-6) if self.hparams.standardize else torch.ones(x.shape[1])
         self.feature_selection = datamodule.selection
+        if stage == "fit" and self.hparams.warm_start and self.trainer.ckpt_path is None:
+            self._warm_start(datamodule)  # builds the detector, as ``Detector.fit`` does
+        elif not self.detector.built:
+            self.detector.build(datamodule.num_features)
+
+    def _warm_start(self, datamodule: Any) -> None:
+        """Fit the detector full-batch on the standardized training split: the optimum minibatch steps aim at."""
+        self._check_regularization()
+        x, y = datamodule.split_tensors("train")
+        device = self.trainer.strategy.root_device
+        x = ((x - self.feature_mean) / self.feature_std).to(device)
+        self.detector.fit(x, y.to(device))
+        converged = getattr(self.detector, "converged_", None)
+        rank_zero_info(f"[sahs] warm start: {type(self.detector).__name__}.fit on {len(y)} training rows, "
+                       f"{self.detector.n_iter_} iterations, objective {self.detector.loss_:.4g}"
+                       + ("" if converged is None else f", converged={converged}"))
+
+    def _check_regularization(self) -> None:
+        """One regularizer, chosen on purpose: the detector's own penalty or the optimizer's weight decay."""
+        if not self.hparams.weight_decay:
+            return
+        penalty = own_penalty(self.detector)
+        if penalty is not None:
+            raise TrainingConfigError(
+                f"model.weight_decay={self.hparams.weight_decay} and the detector's {penalty} both regularize: "
+                "keep one (the detector's penalty spares the bias and is what full-batch fits use), set the other to 0")
+        if self.hparams.warm_start:
+            raise TrainingConfigError(
+                f"model.weight_decay={self.hparams.weight_decay} is not part of the objective the warm start fits: "
+                "use the detector's own penalty (e.g. model.detector.l2), or set model.warm_start: false")
 
     @property
     def threshold_rule(self) -> dict[str, Any]:
@@ -122,6 +183,7 @@ class DetectorModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Rebuild the stored detector unless the configured one is the same: a checkpoint scores as trained.
         artifact = DetectorArtifact.from_checkpoint(checkpoint)
+        self.checkpoint_epoch = checkpoint.get("epoch")
         if not self.detector.built or detector_spec(self.detector) != artifact.detector:
             if self.detector.built:
                 rank_zero_info(f"[sahs] using the checkpoint's detector {artifact.detector['class_path']} "
@@ -151,6 +213,7 @@ class DetectorModule(L.LightningModule):
         return loss
 
     def on_fit_start(self) -> None:
+        self._check_regularization()
         if self.detector.proximal:
             for optimizer in self.trainer.optimizers:
                 check_proximal_optimizer(optimizer, self.detector, self.trainer.precision)
@@ -200,8 +263,14 @@ class DetectorModule(L.LightningModule):
         metrics = {"loss": float(F.binary_cross_entropy_with_logits(logits, labels.float())),
                    "acc@0.5": accuracy(scores, labels, 0.5, part),
                    **detection_report(scores, labels, float(self.threshold), part)}
+        # Rank figures from the logits: float32 probabilities tie at 1.0 beyond a logit of about 17.
+        metrics.update({name: value for name, value in detection_report(logits, labels, 0.0, part).items()
+                        if name in RANK_FIGURES})
         if families is not None:  # auroc/<family>, asr/<family>, pr/<family>
             metrics.update(family_report(scores, labels, families, self.family_names, float(self.threshold)))
+            metrics.update({name: value for name, value in
+                            family_report(logits, labels, families, self.family_names, 0.0).items()
+                            if name.startswith("auroc/")})
         # Every rank holds the same numbers: "max" keeps them exact while syncing.
         for name, value in metrics.items():
             self.log(f"{stage}/{name}", value, prog_bar=stage == "val" and name in ("loss", "auroc"),
@@ -224,8 +293,21 @@ class DetectorModule(L.LightningModule):
     def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         return torch.sigmoid(self(batch[0]))
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        choice = hp.optimizer if hp.optimizer != "auto" else ("sgd" if self.detector.proximal else "adam")
-        optimizer = torch.optim.SGD if choice == "sgd" else torch.optim.Adam
-        return optimizer(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        smooth_from_scratch = not (self.detector.proximal or hp.warm_start)
+        choice = hp.optimizer if hp.optimizer != "auto" else ("adam" if smooth_from_scratch else "sgd")
+        optimizer = (torch.optim.SGD if choice == "sgd" else torch.optim.Adam)(
+            self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+
+    def lr_factor(self, epoch: int) -> float:
+        """The share of ``lr`` that epoch ``epoch`` steps at: 0 for the warm start's epoch 0, then the schedule."""
+        first = 1 if self.hparams.warm_start else 0
+        if epoch < first:
+            return 0.0
+        epochs = self.trainer.max_epochs if self._trainer is not None else None
+        if self.hparams.schedule == "constant" or epochs is None or epochs < 0:
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (epoch - first) / max(epochs - first, 1)))
