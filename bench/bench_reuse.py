@@ -2,14 +2,14 @@
 
     OMP_NUM_THREADS=1 python bench/bench_reuse.py [--rows 2000] [--rounds 3] [--workdir DIR] [--render]
 
-The shipped demo config (`configs/demo.yaml`) with `rows` prompts (half benign, half malicious) fills a
-cache once (`sahs extract`, a few minutes the first time; kept in `--workdir` for later calls). Then each
-round runs `sahs loao` twice in fresh processes, in alternating order: with the config as shipped (the
-callback states the prompt source's identity, finds the cache made for it and reuses it) and with the
-callback removed (the run reads the cache and nothing else). It prints the medians of wall and CPU time
-(user + system: steadier on a shared machine) and of peak resident memory (the kernel's high-water mark of each process, from ``wait4``) and their ratios;
-the target is 1.2x or less for both. ``--render`` also measures what the callback cost before: rendering
-and hashing the whole prompt set in a fresh process.
+The shipped demo config (`configs/demo.yaml`) with `rows` prompts (half benign, half malicious) fills a cache
+once (`sahs extract`, a few minutes the first time; kept in `--workdir` for later calls). Then each round runs
+`sahs loao` twice in fresh processes, in alternating order: with the config as shipped (the callback states
+the prompt source's identity, finds the cache made for it and reuses it) and with the callback removed (the
+run reads the cache and nothing else). It prints the medians of wall and CPU time (user + system: steadier on
+a shared machine) and of peak resident memory (the kernel's high-water mark of each process, from ``wait4``)
+and their ratios; the target is 1.2x or less for both. ``--render`` also measures what the callback cost
+before: rendering and hashing the whole prompt set in a fresh process.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """A prompt source's identity: a hash of its definition and of what it reads, stated without rendering.
 
 Rendering a set (drawing images, encoding them, hashing their pixels) costs tens of seconds per thousand
-rows; stating its identity costs reading its inputs (the 2,000-prompt demo set: 0.4 s). The identity covers everything a rendered row depends
-on: the source's class and arguments, the code of the modules that render it, and the content it reads
-(seed requests, files, image bytes). ``PromptSet`` uses it to name a cache's prompt set: a cache made
-for the same identity is reused without rendering; otherwise the set is rendered and its rows hashed.
+rows; stating its identity costs reading its inputs (the 2,000-prompt demo set: 0.4 s). The identity
+covers everything a rendered row depends on: the source's class and arguments, the code of the modules
+that render it, and the content it reads (seed requests, files, image bytes). ``PromptSet`` uses it to
+name a cache's prompt set: a cache made for the same identity is reused without rendering; otherwise the
+set is rendered and its rows hashed.
 """
 
 from __future__ import annotations
