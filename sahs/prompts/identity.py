@@ -29,6 +29,10 @@ from PIL import Image
 # Bump when what an identity hashes changes, so identities from older code stop matching.
 IDENTITY_VERSION = "sahs-prompt-source/v1"
 
+# Modules that render nothing: how an identity is hashed (IDENTITY_VERSION says when that changes) and the
+# error type. Leaving them out keeps caches reusable across edits that cannot change a row.
+_NOT_RENDERING = frozenset({"sahs.prompts.identity", "sahs.errors"})
+
 _FILE_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}  # (path, size, mtime, ctime, inode) -> sha256
 
 
@@ -76,7 +80,7 @@ def code_modules(cls: type) -> list[ModuleType]:
         if module is None or klass.__module__ in ("builtins", "abc"):
             continue
         modules |= _sahs_modules(module) if klass.__module__.startswith("sahs.") else {module}
-    return sorted(modules, key=lambda m: m.__name__)
+    return sorted((m for m in modules if m.__name__ not in _NOT_RENDERING), key=lambda m: m.__name__)
 
 
 def code_digest(cls: type) -> str:
