@@ -179,21 +179,12 @@ def identity_digest(identity: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def row_keys_digest(ids: Iterable[str], labels: Iterable[int], attacks: Iterable[str], groups: Iterable[str]) -> str:
-    """sha256 over each row's ``[id, label, attack, group]`` in row order: what a cache's manifest must repeat."""
-    digest = hashlib.sha256(b"sahs-row-keys/v1\n")
-    for row in zip(ids, labels, attacks, groups, strict=True):
-        digest.update(json.dumps([str(row[0]), int(row[1]), str(row[2]), str(row[3])], ensure_ascii=False)
-                      .encode("utf-8") + b"\n")
-    return digest.hexdigest()
-
-
 class PromptSet:
     """A prompt source whose rows are rendered only when needed, and the cache fingerprint's ``prompts`` field.
 
-    The field is ``{"sha256", "count", "rows_sha256", "source"}``: the hash of the rendered rows
-    (``prompt_set_hash``), their number, ``row_keys_digest`` of their ids, labels, attacks and groups,
-    and the source's identity digest (None for a set given as rows, or a source that cannot state one).
+    The field is ``{"sha256", "count", "source"}``: the hash of the rendered rows (``prompt_set_hash``),
+    their number, and the source's identity digest (None for a set given as rows, or a source that cannot
+    state one). The cache pins its manifest's ids, labels, attacks and groups itself (``rows``).
     """
 
     def __init__(self, source: Any) -> None:
@@ -226,8 +217,7 @@ class PromptSet:
         from sahs.prompts.schema import prompt_set_hash
 
         rows = self.rows
-        return {"sha256": prompt_set_hash(rows), "count": len(rows), "source": self.digest,
-                "rows_sha256": row_keys_digest(rows["id"], rows["label"], rows["attack"], rows["group"])}
+        return {"sha256": prompt_set_hash(rows), "count": len(rows), "source": self.digest}
 
     def same_source(self, recorded: Any) -> dict[str, Any] | None:
         """``recorded`` (a fingerprint's ``prompts`` field) when it names this source's identity: no rendering."""
