@@ -15,10 +15,11 @@ from sahs.prompts import DemoPrompts, PromptSource
 class ActivationExtraction(L.Callback):
     """Runs the frozen model over the prompt set once, writing the DataModule's cache.
 
-    The model is loaded, and the prompt set rendered, only when the cache is missing or stale (a cache
-    made for the same prompt source is recognised by its identity, without rendering); the model is kept
-    in eval mode with no grads and released before training starts. With several devices every rank extracts its share. A cache
-    that is reused is verified first; a damaged one stops the run, naming ``sahs cache repair``.
+    The model is loaded, and the prompt set rendered, only when the cache is missing or stale (a cache made
+    for the same prompt source is recognised by its identity, without rendering); the model is kept in eval
+    mode with no grads and released before training starts. With several devices every rank extracts its
+    share. A cache that is reused is verified first; a damaged one stops the run, naming ``sahs cache
+    repair``.
     """
 
     def __init__(

@@ -208,12 +208,12 @@ def extract_with_trainer(
     """Fill ``cache_dir`` with a Lightning predict run; returns reused, built, resumed or repaired.
 
     The same rules as ``ensure_cache``: a finished cache with the same fingerprint is verified and reused
-    without loading the model (nor rendering the prompts, when it was made for this prompt source); a
-    damaged one is refused unless ``repair``; another one is refused (``on_mismatch="error"``) or rebuilt, and prompts in finished shards are skipped. With
-    ``strategy="ddp"`` every process runs this function (Lightning relaunches the script); the model's
-    device comes from the Trainer, its dtype from ``model_cfg``. ``resumed`` means that finished shards
-    were there before the run. Other keyword arguments go to ``lightning.Trainer`` (e.g. ``plugins`` for
-    a cluster environment), except ``OWN_TRAINER_ARGS``.
+    without loading the model (nor rendering the prompts, when it was made for this prompt source); a damaged
+    one is refused unless ``repair``; another one is refused (``on_mismatch="error"``) or rebuilt, and prompts
+    in finished shards are skipped. With ``strategy="ddp"`` every process runs this function (Lightning
+    relaunches the script); the model's device comes from the Trainer, its dtype from ``model_cfg``.
+    ``resumed`` means that finished shards were there before the run. Other keyword arguments go to
+    ``lightning.Trainer`` (e.g. ``plugins`` for a cluster environment), except ``OWN_TRAINER_ARGS``.
     """
     clashing = sorted(OWN_TRAINER_ARGS & set(trainer_kwargs))
     if clashing:

@@ -51,7 +51,8 @@ def _bad_json_line(path: Path) -> str | None:
 
 
 def unreadable_file(path: Path, fmt: str, error: BaseException) -> PromptFileError:
-    """One line for a file that ``datasets`` cannot parse: the line at fault for JSON Lines, else the parser's reason."""
+    """One line for a file that ``datasets`` cannot parse: the line at fault for JSON Lines, else the parser's
+    reason."""
     if fmt == "json":
         try:
             json.loads(path.read_text(encoding="utf-8"))  # one JSON document (a list of rows) parses whole
@@ -255,7 +256,8 @@ class PromptFile(PromptSource):
         if self.labels is not None:
             key = str(value).strip()
             if key not in self.labels:
-                raise PromptFileError(f"{at}, column {column!r}: label {value!r} is not in labels {sorted(self.labels)}; "
+                raise PromptFileError(f"{at}, column {column!r}: label {value!r} is not in labels "
+                                      f"{sorted(self.labels)}; "
                                  "add it to `labels`")
             return self.labels[key]
         if isinstance(value, bool):
@@ -280,7 +282,8 @@ class PromptFile(PromptSource):
                 return {"bytes": value["bytes"], "path": None}
             value = value["path"]
         if not isinstance(value, str):
-            raise PromptFileError(f"{at}, column {column!r}: expected an image path or image, got {type(value).__name__}")
+            raise PromptFileError(f"{at}, column {column!r}: expected an image path or image, "
+                                  f"got {type(value).__name__}")
         path = Path(value).expanduser()
         if not path.is_absolute() and base is not None:
             path = base / path

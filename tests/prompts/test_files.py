@@ -127,7 +127,8 @@ def test_unreadable_files_are_one_line_errors_naming_the_line_and_the_fix(tmp_pa
     malformed.write_text('{"text": "a", "label": 0}\n\n{"text": "b", "label": 1\n{"text": "c", "label": 0}\n')
     with pytest.raises(PromptFileError) as error:
         PromptFile(str(malformed)).load()
-    assert re.search(r"malformed\.jsonl, line 3 .*not a valid JSON object.*fix that line", _one_line_user_error(error.value))
+    line = _one_line_user_error(error.value)
+    assert re.search(r"malformed\.jsonl, line 3 .*not a valid JSON object.*fix that line", line)
     not_objects = tmp_path / "lists.jsonl"
     not_objects.write_text('{"text": "a", "label": 0}\n["b", 1]\n')
     with pytest.raises(PromptFileError, match=r"lists\.jsonl, line 2: a JSON list, not an object"):
