@@ -209,6 +209,34 @@ def test_bad_lines_get_an_error_line_and_every_other_line_its_answer(exported, m
         assert got["answer"] == expected.answer
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_a_prompt_whose_generation_fails_gets_an_error_and_the_batch_its_answers(exported, model_and_processor,
+                                                                                 monkeypatch, batch_size):
+    from sahs.guard.jsonl import guard_jsonl
+
+    dataset = exported[3]
+    texts = [dataset[i]["text"] for i in (0, 1, 4)]
+    guard = guard_for(exported, model_and_processor, batch_size=batch_size)
+    expected = guard.generate([{"text": t} for t in texts], max_new_tokens=2)
+    real = guard.generate
+
+    def failing(prompts, **kwargs):
+        if any(p["text"] == "boom" for p in prompts):
+            raise RuntimeError("CUDA out of memory (stands for any failure inside generate)")
+        return real(prompts, **kwargs)
+
+    monkeypatch.setattr(guard, "generate", failing)
+    lines = [{"id": "a", "text": texts[0]}, {"id": "b", "text": "boom"}, {"id": "c", "text": texts[1]},
+             {"id": "d", "text": texts[2]}]
+    sink = io.StringIO()
+    counts = guard_jsonl(guard, io.StringIO("".join(json.dumps(line) + "\n" for line in lines)), sink, max_new_tokens=2)
+    out = [json.loads(line) for line in sink.getvalue().splitlines()]
+    assert [o["id"] for o in out] == ["a", "b", "c", "d"] and (counts.answered, counts.failed) == (3, 1)
+    assert "generation failed (RuntimeError: CUDA out of memory" in out[1]["error"] and "score" not in out[1]
+    for got, want in zip([out[0], out[2], out[3]], expected):  # alone or in another batch: other padding
+        assert got["score"] == pytest.approx(want.score, abs=1e-5) and got["answer"] == want.answer
+
+
 @pytest.mark.parametrize("option, value", [("--batch_size", "0"), ("--max_new_tokens", "0"), ("--batch_size", "-3")])
 def test_an_option_that_cannot_work_is_one_line_before_the_model_loads(exported, tmp_path, capsys, monkeypatch,
                                                                        option, value):

@@ -67,7 +67,8 @@ OWN_ENTRIES = {"fingerprint.json", "manifest.json", SHARD_DIR, "rankings"}  # ra
 
 
 def _holds_activations(root: Path) -> bool:
-    return (root / "manifest.json").exists() or any((root / SHARD_DIR).glob("r*.safetensors"))
+    return (root / "manifest.json").exists() or any(
+        SHARD_NAME.fullmatch(path.name) for path in (root / SHARD_DIR).glob("r*.safetensors"))
 
 
 def check_folder(root: Path, fingerprint: dict[str, Any], rebuild: bool) -> list[str]:

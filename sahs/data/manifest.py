@@ -23,6 +23,7 @@ from sahs.errors import UserError
 FORMAT_VERSION = 3  # 3: fingerprint.json pins the manifest's rows, and the manifest always records fingerprint.json
 META_COLUMNS = ("id", "label", "attack", "source", "category", "split", "group")
 PINNED_COLUMNS = ("id", "label", "attack", "group")  # what fingerprint.json's rows digest covers
+ROW_KEYS = {"id", "label", "attack", "shard", "row"}  # what every manifest row must have
 ROWS_KEY = "rows"  # fingerprint.json's digest of the manifest's rows: written with the manifest, not part of identity
 
 
@@ -83,8 +84,8 @@ def fingerprint_bytes(fingerprint: dict[str, Any]) -> bytes:
 
 def rows_digest(rows: Iterable[dict[str, Any]]) -> str:
     """sha256 of the manifest's ``PINNED_COLUMNS``, row by row in manifest order (a row's group defaults to its id)."""
-    table = [[row.get("id"), row.get("label"), row.get("attack"), row.get("group") or row.get("id")] for row in rows]
-    return hashlib.sha256(json.dumps(table).encode()).hexdigest()
+    table = [(row["id"], row["label"], row["attack"], row.get("group") or row["id"]) for row in rows]
+    return hashlib.sha256(json.dumps(table, separators=(",", ":"), check_circular=False).encode()).hexdigest()
 
 
 def cache_identity(fingerprint: dict[str, Any] | None) -> dict[str, Any]:
@@ -129,8 +130,10 @@ def vouched_fingerprint(root: Path, fingerprint: dict[str, Any]) -> dict[str, An
         stored = None
     if stored is not None and isinstance(stored.get(ROWS_KEY), dict):
         digests.append(stored[ROWS_KEY].get("sha256"))
-    if isinstance(manifest.get("rows"), list) and all(isinstance(row, dict) for row in manifest["rows"]):
+    try:
         digests.append(rows_digest(manifest["rows"]))
+    except (KeyError, TypeError, ValueError):  # rows not as sahs writes them: nothing to vouch with
+        pass
     for digest in digests:
         candidate = with_rows(fingerprint, digest)
         if _sha256(fingerprint_bytes(candidate)) == manifest["fingerprint_sha256"]:
@@ -193,7 +196,7 @@ def _manifest_shape_problem(manifest: dict[str, Any]) -> str | None:
     if not isinstance(rows, list):
         return "manifest.json field rows is not a list"
     for index, row in enumerate(rows):
-        if not isinstance(row, dict) or not {"id", "label", "attack", "shard", "row"} <= set(row):
+        if not isinstance(row, dict) or not row.keys() >= ROW_KEYS:
             return f"manifest.json rows[{index}] lacks one of id, label, attack, shard, row"
     return None
 

@@ -86,18 +86,22 @@ def _answer(guard: SafetyGuard, records: list[dict[str, Any]], generate_kwargs: 
     """One result per record: the batch at once, or, if it fails, each record alone (a failure is its error)."""
     try:
         return list(guard.generate(records, **generate_kwargs))
-    except Exception:  # noqa: BLE001  (the batch failed: find the line that did, answer the others)
+    except Exception as error:  # noqa: BLE001  (the batch failed: find the line that did, answer the others)
         if len(records) == 1:
-            raise
+            return [_failed(records[0], error)]
     answers: list[Any] = []
     for record in records:
         try:
             answers += guard.generate([record], **generate_kwargs)
         except Exception as error:  # noqa: BLE001  (one prompt's failure must not lose the others)
-            reason = " ".join(str(error).split()) or type(error).__name__
-            answers.append(LineError(record["_line"], f"line {record['_line']}: generation failed "
-                                     f"({type(error).__name__}: {reason})", record.get("id")))
+            answers.append(_failed(record, error))
     return answers
+
+
+def _failed(record: dict[str, Any], error: Exception) -> LineError:
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return LineError(record["_line"], f"line {record['_line']}: generation failed ({type(error).__name__}: {reason})",
+                     record.get("id"))
 
 
 def guard_jsonl(guard: SafetyGuard, lines: TextIO, sink: TextIO, *, base: Path = Path("."), source: str = "input",

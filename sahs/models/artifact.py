@@ -218,7 +218,8 @@ class DetectorArtifact:
             if not torch.isfinite(value).all():
                 raise DetectorArtifactError(source, f"weight {key} holds NaN or infinite values")
         try:
-            network = build_detector(self.detector)
+            with torch.random.fork_rng(devices=[]):  # building initialises layers: leave the caller's RNG as it was
+                network = build_detector(self.detector)
             network.load_state_dict(self.weights)
         except (RuntimeError, ValueError, TypeError, KeyError) as error:
             first = " ".join(str(error).split())[:200]
