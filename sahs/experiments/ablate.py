@@ -19,7 +19,7 @@ from sahs.eval.refusal import PhraseJudge, RefusalJudge
 from sahs.experiments.ablation_report import AblationResult, AblationSetting
 from sahs.extract.adapters import find_adapter
 from sahs.extract.generation import generate_answers
-from sahs.guard.ablation import AblationError, ablated_heads, check_heads, head_means
+from sahs.extract.interventions import AblationError, ablated_heads, check_heads, head_means
 
 
 @dataclass

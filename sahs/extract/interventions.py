@@ -1,4 +1,4 @@
-"""Head ablation: a chosen head's slice of the attention output projection's input, replaced at every position.
+"""Interventions on the live model: head ablation and activation patching, beside the capture hooks.
 
 A head's output is its ``head_dim`` slice of the input to ``o_proj`` (TransformerLens' ``hook_z``);
 after the projection the heads are mixed. Zero-ablation writes zeros there, mean-ablation the head's
