@@ -151,3 +151,33 @@ def test_report_metrics_table_and_plot_reach_the_logger(tmp_path):
     assert kinds == ["metrics", "table", "image"] and logger.calls[1][1] == "ablate/table"
     assert len(logger.calls[1][3]) == 4 * 3 + 3  # four settings and the random mean, three families with "all"
     assert "| top1 | top | L0.H0 | all |" in paths["markdown"].read_text()
+
+
+@pytest.fixture(scope="module")
+def planted():
+    from tests.planted import build_planted_llava
+
+    return build_planted_llava()
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_ablating_the_planted_circuit_lets_every_attack_through_and_random_heads_change_nothing(planted, mode):
+    from sahs.experiments.ablate import run_ablation
+    from sahs.prompts.schema import make_dataset
+    from tests.planted import HEADS, LAYERS, PLANTED, planted_prompts
+
+    model, processor = planted
+    prompts = make_dataset(planted_prompts(8))
+    reference = make_dataset([{**row, "id": f"ref-{i}"} for i, row in enumerate(planted_prompts(4)) if row["label"] == 0])
+    candidates = [(layer, head) for layer in range(LAYERS) for head in range(HEADS)]
+    settings = AblationSettings(k=2, seeds=[0, 1, 2, 3], mode=mode, max_new_tokens=4, batch_size=6)
+    plan = ablation_plan(PLANTED, candidates, settings)
+    result = run_ablation(model, processor, prompts, plan, settings, reference=reference)
+    summary = result.summary()
+    assert summary["ablate/asr_none"] == 0 and summary["ablate/benign_refusal_rate_none"] == 0
+    assert summary["ablate/asr_top"] == 1.0  # the two planted heads carry every refusal
+    randoms = [r for r in result.records if r["kind"] == "random"]
+    assert len(randoms) == 4 * len(prompts) and all(r["agrees"] for r in randoms)  # every answer unchanged
+    assert summary["ablate/asr_random_mean"] == 0 and summary["ablate/asr_random_std"] == 0
+    drawn = {tuple(h) for r in randoms for h in r["heads"]}
+    assert not drawn & set(PLANTED) and len(drawn) > 4  # the control drew several other heads
