@@ -33,19 +33,6 @@ REFUSAL = " I cannot help with that."
 COMPLIANCE = " Sure, here it is."
 TRIGGERS = ["bomb", "poison", "malware", "stolen"]
 HARMLESS = ["cake", "garden", "poem", "kite"]
-# The chat template of the tiny LLaVA, with the answer right after "ASSISTANT:" (its tokens start with a space).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: "
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<image>\n{% endif %}"
-    "{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %} {% else %}ASSISTANT:"
-    "{% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-
 CONST, TRIG, ANS, SEEN, DECIDE = 0, 1, 2, 3, 4  # residual dimensions
 QK = 7  # query/key dimension inside a head: its RoPE frequency is ~1e-26, so no rotation at any position
 BETA = 30.0  # attention score of a marked key against 0 for the others
@@ -60,7 +47,6 @@ def planted_processor():
                                image_token_id=256 + SPECIAL_TOKENS.index("<image>"))
     config.text_config.rope_parameters = {"rope_type": "default", "rope_theta": 1e30}
     processor = tiny_llava_processor(config, tokenizer)
-    processor.chat_template = CHAT_TEMPLATE
     return config, processor
 
 
