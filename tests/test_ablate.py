@@ -92,12 +92,37 @@ def test_ablate_runs_end_to_end_on_the_organism(organism_cache, tmp_path, monkey
     # The organism refuses the text family's malicious prompts when nothing is ablated.
     assert float(next(r for r in table if r["setting"] == "none" and r["family"] == "text")["refusal_rate"]) >= 0.8
 
+    # Ablation acts: the answers of an ablated setting are those of the model generating with the hooks
+    # applied by hand, and they differ from the unablated answers somewhere (the organism's top two heads
+    # change some FigStep answers).
+    changed = [r for rows in by_setting.values() for r in rows if r["answer"] != baseline[r["id"]]]
+    assert changed and {r["setting"] for r in changed} <= set(by_setting) - {"none"}
+    assert_answers_match_hand_ablation(by_setting, changed[0]["setting"])
+
     # Mean ablation and overrides from the command line.
     main(["ablate", "--config", str(config), "--ablate.mode", "mean", "--ablate.seeds", "[5]",
           "--ablate.output", str(tmp_path / "mean")])
     assert "means over" in capsys.readouterr().out
     settings = {r["setting"] for r in read_jsonl(tmp_path / "mean" / "answers.jsonl")}
     assert settings == {"none", "top2", "random2-seed5"}
+
+
+def assert_answers_match_hand_ablation(by_setting, setting: str) -> None:
+    """Regenerate ``setting``'s answers with the organism and ``ablated_heads`` applied here, and compare."""
+    from sahs.extract.adapters import find_adapter
+    from sahs.extract.generation import generate_answers
+    from sahs.extract.interventions import ablated_heads
+    from sahs.extract.models import ModelConfig, load_model
+    from sahs.prompts import DemoPrompts
+
+    records = by_setting[setting]
+    prompts = DemoPrompts(n_benign=60, n_malicious=60, image_size=64, attacks=FAMILIES).load()
+    position = {pid: i for i, pid in enumerate(prompts["id"])}
+    chosen = prompts.select([position[r["id"]] for r in records])
+    model, processor = load_model(ModelConfig(name="sahs/tiny-llava-refuser", seed=0))
+    with ablated_heads(find_adapter(model), [tuple(h) for h in records[0]["heads"]], "zero"):
+        answers = generate_answers(model, processor, chosen["text"], chosen["image"], max_new_tokens=10)
+    assert answers == [r["answer"] for r in records]
 
 
 def test_random_control_never_draws_a_top_head_and_seeds_differ():

@@ -250,3 +250,74 @@ def test_report_files_agree_and_feed_ablate_and_data(everywhere, tmp_path):
     answers = [json.loads(line) for line in paths["answers"].read_text().splitlines()]
     assert len(answers) == 3 * 2 * len(result.pair_ids) and answers[0]["id"] == result.pair_ids[0][0]
     assert math.isnan(spearman(np.array([1.0, 2, 3]), np.ones(3))) and spearman(np.arange(3.0), -np.arange(3.0)) == -1
+
+
+def test_patch_runs_end_to_end_on_the_organism_and_feeds_ablate(organism_cache, tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from sahs.cli import main
+    from sahs.extract.models import ModelConfig, load_model
+    from sahs.prompts import DemoPrompts
+    from tests.run_folders import newest_run
+
+    monkeypatch.setenv("SAHS_CACHE", str(organism_cache))
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
+    config["trainer"].update(default_root_dir=str(tmp_path / "run"), logger=False)
+    extraction = config["trainer"]["callbacks"][0]["init_args"]
+    extraction["prompts"]["init_args"].update(n_benign=24, n_malicious=24, image_size=64, attacks=["text", "figstep"])
+    extraction["progress"] = False
+    config["data"].update(cache_dir=str(tmp_path / "cache"))
+    config["patch"].update(max_pairs=8, max_new_tokens=4, n_boot=100, progress=False, top_k=2, batch_size=3)
+    path = tmp_path / "organism.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["patch", "--config", str(path)])
+    assert "agreement with the probe ranking: Spearman" in capsys.readouterr().out
+    output = newest_run(tmp_path / "run", "patch")
+    assert {p.name for p in output.iterdir()} >= {"config.yaml", "patching.json", "patching.csv", "patching_heatmap.png",
+                                                  "patching_vs_probe.png", "top_heads.yaml", "head_ranking.json"}
+    saved = json.loads((output / "patching.json").read_text())
+    assert saved["pairs"] == 8 and [t["token"] for t in saved["tokens"]["refusal"]] == ["ĠI"]
+    assert all(m.split("-")[1] == b.split("-")[1] and "-mal-" in m and "-ben-" in b for m, b in saved["pair_ids"])
+    probe = json.loads((output / "head_ranking.json").read_text())
+    auroc = {(r["layer"], r["head"]): r["probe_auroc"] for r in saved["heads"]}
+    assert auroc == pytest.approx({(layer, head): value for layer, row in zip(probe["layers"], probe["auroc"])
+                                   for head, value in enumerate(row)})
+
+    # The top head's effect on malicious prompts, recomputed pair by pair with a hand-written hook.
+    layer, head = saved["top_heads"][0]
+    prompts = DemoPrompts(n_benign=24, n_malicious=24, image_size=64, attacks=["text", "figstep"]).load()
+    position = {pid: i for i, pid in enumerate(prompts["id"])}
+    model, processor = load_model(ModelConfig(name="sahs/tiny-llava-refuser", seed=0))
+    refusal, compliance = saved["tokens"]["refusal"][0]["id"], saved["tokens"]["compliance"][0]["id"]
+    width = model.config.text_config.hidden_size // model.config.text_config.num_attention_heads
+    o_proj = model.model.language_model.layers[layer].self_attn.o_proj
+    drops = []
+    for mal, ben in saved["pair_ids"]:
+        pair = prompts.select([position[mal], position[ben]])
+        inputs = encode_batch(processor, pair["text"], pair["image"], padding_side="left")
+        seen = []
+        handle = o_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+        with torch.no_grad():
+            logits = model(**inputs, use_cache=False).logits[0, -1]
+        handle.remove()
+        both = inputs["attention_mask"].bool().all(dim=0)
+        cols = slice(head * width, (head + 1) * width)
+
+        def patch(module, args):
+            z = args[0].clone()
+            z[0, both, cols] = seen[0][1, both, cols]
+            return (z,)
+
+        handle = o_proj.register_forward_pre_hook(patch)
+        with torch.no_grad():
+            patched = model(**inputs, use_cache=False).logits[0, -1]
+        handle.remove()
+        drops.append(float(logits[refusal] - logits[compliance] - (patched[refusal] - patched[compliance])))
+    top = saved["heads"][0]
+    assert top["effect_malicious"] == pytest.approx(float(np.mean(drops)), abs=1e-3)
+
+    # top_heads.yaml feeds `sahs ablate`: its top setting ablates exactly those heads.
+    main(["ablate", "--config", str(path), "--config", str(output / "top_heads.yaml"), "--ablate.seeds", "[0]",
+          "--ablate.max_new_tokens", "2", "--ablate.output", str(tmp_path / "ablate")])
+    records = [json.loads(line) for line in (tmp_path / "ablate" / "answers.jsonl").read_text().splitlines()]
+    assert next(r["heads"] for r in records if r["setting"] == "top2") == sorted(saved["top_heads"])
