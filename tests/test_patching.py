@@ -20,7 +20,6 @@ from sahs.experiments.patching import (
     run_patching,
 )
 from sahs.experiments.patching_report import bootstrap_means, spearman
-from sahs.extract.adapters import find_adapter
 from sahs.extract.formatting import encode_batch
 from sahs.prompts.schema import make_dataset
 from tests.planted import (
@@ -252,6 +251,7 @@ def test_report_files_agree_and_feed_ablate_and_data(everywhere, tmp_path):
     assert math.isnan(spearman(np.array([1.0, 2, 3]), np.ones(3))) and spearman(np.arange(3.0), -np.arange(3.0)) == -1
 
 
+@pytest.mark.slow
 def test_patch_runs_end_to_end_on_the_organism_and_feeds_ablate(organism_cache, tmp_path, monkeypatch, capsys):
     from pathlib import Path
 
