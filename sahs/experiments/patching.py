@@ -22,6 +22,7 @@ import datasets
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from torch import nn
 from transformers import PreTrainedModel
 
 from sahs.errors import UserError
@@ -185,22 +186,63 @@ def _batches(prompts: datasets.Dataset, pairs: Sequence[tuple[int, int]], size: 
 
 
 class _Reader:
-    """One forward of a batch, returning the refusal logit difference at the last position (``[batch]``)."""
+    """The refusal logit difference at the last position of a batch (``[batch]``).
+
+    ``record`` runs the whole model once and keeps the language model's own call (its input embeddings,
+    images merged in); while that call reproduces the model's output, later reads replay it alone, so the
+    vision tower and the embedding run once per pair batch rather than once per head.
+    """
 
     def __init__(self, model: PreTrainedModel, refusal: list[int], compliance: list[int]):
         self.model = model
         self.refusal, self.compliance = torch.tensor(refusal), torch.tensor(compliance)
         self.keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        self.call: tuple[tuple[Any, ...], dict[str, Any]] | None = None
 
     def metric(self, logits: torch.Tensor) -> torch.Tensor:  # [..., vocab] -> [...]
         logits = logits.float()
         return logits[..., self.refusal].mean(-1) - logits[..., self.compliance].mean(-1)
 
     @torch.inference_mode()
-    def __call__(self, inputs: Any) -> torch.Tensor:
+    def forward(self, inputs: Any) -> torch.Tensor:
         extra = {"logits_to_keep": 1} if self.keep_last else {}
         logits = self.model(**inputs, use_cache=False, **extra).logits  # [batch, 1 or pos, vocab]
         return self.metric(logits[:, -1]).cpu()
+
+    @torch.inference_mode()
+    def replay(self) -> torch.Tensor:
+        args, kwargs = self.call
+        output = self.decoder(*args, **kwargs)
+        hidden = output[0][:, -1]  # [batch, d_model], after the final norm
+        return self.metric(self.model.get_output_embeddings()(hidden)).cpu()
+
+    def record(self, inputs: Any) -> torch.Tensor:
+        """A full forward of ``inputs``, keeping the language model's call for ``__call__`` to replay."""
+        self.call, seen = None, {}
+        if not isinstance(self.decoder, nn.Module) or self.decoder is self.model:
+            return self.forward(inputs)
+
+        def keep(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen.setdefault("call", (args, dict(kwargs)))
+
+        handle = self.decoder.register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            base = self.forward(inputs)
+        finally:
+            handle.remove()
+        self.call = seen.get("call")
+        return base
+
+    def check(self, base: torch.Tensor) -> None:
+        """Keep the recorded call only if replaying it gives ``base`` (no final logit transform, no side input)."""
+        if self.call is not None:
+            again = self.replay()
+            if not torch.allclose(again, base, rtol=1e-4, atol=1e-4 * (1 + float(base.abs().max()))):
+                self.call = None
+
+    def __call__(self, inputs: Any) -> torch.Tensor:
+        return self.replay() if self.call is not None else self.forward(inputs)
 
 
 def _encode(model: PreTrainedModel, processor: Any, texts, images):
@@ -280,7 +322,8 @@ def run_patching(model: PreTrainedModel, processor: Any, prompts: datasets.Datas
             where = torch.zeros_like(mask)
             where[torch.arange(len(mask)), last_real_position(mask)] = True
         with recorded_heads(adapter, range(L), norm) as recorded:
-            base = reader(inputs)
+            base = reader.record(inputs)
+        reader.check(base)
         clean[:, start:start + n] = base.view(2, n)
         if direct is not None:
             direct[:, start:start + n] = _direct_effects(model, norm, reader, adapter, recorded, n).view(2, n, L, H)
