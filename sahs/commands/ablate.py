@@ -40,7 +40,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit("this config has no sahs.callbacks.ActivationExtraction in trainer.callbacks: "
                          "it names no model or prompt set to ablate")
     run.ensure_cache()
-    ranking = _ranking(run.datamodule)
+    ranking = probe_ranking(run.datamodule)
     candidates = [(layer, head) for layer in ranking.layers for head in range(ranking.auroc.shape[1])]
     top = [tuple(pair) for pair in options.heads] if options.heads else ranking.top(min(options.k, len(candidates)))
     plan = ablation_plan(top, candidates, options)
@@ -67,7 +67,7 @@ def main(argv: list[str]) -> None:
           + f"  ({output})")
 
 
-def _ranking(datamodule):
+def probe_ranking(datamodule):
     """The run's head ranking (``data.top_k``), or the one ``sahs locate`` computes and stores beside the cache."""
     if datamodule.ranking is not None:
         return datamodule.ranking

@@ -20,7 +20,8 @@ class Options(PatchSettings):
         pairing: ``family``: malicious and benign prompts of the same attack family in id order (the built-in
             sets' twins); ``group``: within a request group holding both labels; ``file``: ``pairs_file``.
         pairs_file: CSV or JSONL with the columns ``malicious_id, benign_id`` (ids of the prompt set), for ``file``.
-        split: The rows pairs come from: the run's ``test`` split (default), ``val``, ``train`` or ``all``.
+        split: The rows pairs come from: the run's ``test`` split (default), ``val``, ``train`` or ``all`` (a
+            ``pairs_file``'s pairs are taken as listed).
         max_pairs: Pairs used at most (a seeded draw when there are more).
         batch_size: Pairs per forward (each forward runs twice as many prompts).
         top_k: Heads labelled in the plots, compared with the probe's top k, written to ``top_heads.yaml`` and
@@ -53,7 +54,7 @@ def _patch(options: Options, run) -> None:
     import torch
 
     from sahs.commands import runs
-    from sahs.commands.ablate import _ranking
+    from sahs.commands.ablate import probe_ranking
     from sahs.experiments.patching import PatchingError, make_pairs, run_patching
     from sahs.extract.adapters import find_adapter
     from sahs.extract.models import load_model, release
@@ -64,7 +65,7 @@ def _patch(options: Options, run) -> None:
                             "it names no model or prompt set to patch")
     run.ensure_cache()
     datamodule = run.datamodule
-    ranking = _ranking(datamodule)  # the probe ranking of the same cache
+    ranking = probe_ranking(datamodule)  # the probe ranking of the same cache
     prompts = run.extraction.prompts.load()
     position = {pid: i for i, pid in enumerate(prompts["id"])}
     ids = datamodule.column("id")

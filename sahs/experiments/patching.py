@@ -56,7 +56,8 @@ class PatchSettings:
             sets' twins, ``...-mal-0003`` with ``...-ben-0003``); ``group``: within a request group holding both
             labels; ``file``: the pairs listed in ``pairs_file``.
         pairs_file: CSV or JSONL with the columns ``malicious_id, benign_id`` (ids of the prompt set), for ``file``.
-        split: The rows pairs come from: the run's ``test`` split (default), ``val``, ``train`` or ``all``.
+        split: The rows pairs come from: the run's ``test`` split (default), ``val``, ``train`` or ``all`` (a
+            ``pairs_file``'s pairs are taken as listed).
         max_pairs: Pairs used at most (a seeded draw when there are more).
         batch_size: Pairs per forward (each forward runs twice as many prompts).
         top_k: Heads labelled in the plots, compared with the probe's top k, written to ``top_heads.yaml`` and
