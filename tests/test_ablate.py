@@ -92,12 +92,37 @@ def test_ablate_runs_end_to_end_on_the_organism(organism_cache, tmp_path, monkey
     # The organism refuses the text family's malicious prompts when nothing is ablated.
     assert float(next(r for r in table if r["setting"] == "none" and r["family"] == "text")["refusal_rate"]) >= 0.8
 
+    # Ablation acts: the answers of an ablated setting are those of the model generating with the hooks
+    # applied by hand, and they differ from the unablated answers somewhere (the organism's top two heads
+    # change some FigStep answers).
+    changed = [r for rows in by_setting.values() for r in rows if r["answer"] != baseline[r["id"]]]
+    assert changed and {r["setting"] for r in changed} <= set(by_setting) - {"none"}
+    assert_answers_match_hand_ablation(by_setting, changed[0]["setting"])
+
     # Mean ablation and overrides from the command line.
     main(["ablate", "--config", str(config), "--ablate.mode", "mean", "--ablate.seeds", "[5]",
           "--ablate.output", str(tmp_path / "mean")])
     assert "means over" in capsys.readouterr().out
     settings = {r["setting"] for r in read_jsonl(tmp_path / "mean" / "answers.jsonl")}
     assert settings == {"none", "top2", "random2-seed5"}
+
+
+def assert_answers_match_hand_ablation(by_setting, setting: str) -> None:
+    """Regenerate ``setting``'s answers with the organism and ``ablated_heads`` applied here, and compare."""
+    from sahs.extract.adapters import find_adapter
+    from sahs.extract.generation import generate_answers
+    from sahs.extract.interventions import ablated_heads
+    from sahs.extract.models import ModelConfig, load_model
+    from sahs.prompts import DemoPrompts
+
+    records = by_setting[setting]
+    prompts = DemoPrompts(n_benign=60, n_malicious=60, image_size=64, attacks=FAMILIES).load()
+    position = {pid: i for i, pid in enumerate(prompts["id"])}
+    chosen = prompts.select([position[r["id"]] for r in records])
+    model, processor = load_model(ModelConfig(name="sahs/tiny-llava-refuser", seed=0))
+    with ablated_heads(find_adapter(model), [tuple(h) for h in records[0]["heads"]], "zero"):
+        answers = generate_answers(model, processor, chosen["text"], chosen["image"], max_new_tokens=10)
+    assert answers == [r["answer"] for r in records]
 
 
 def test_random_control_never_draws_a_top_head_and_seeds_differ():
@@ -151,3 +176,33 @@ def test_report_metrics_table_and_plot_reach_the_logger(tmp_path):
     assert kinds == ["metrics", "table", "image"] and logger.calls[1][1] == "ablate/table"
     assert len(logger.calls[1][3]) == 4 * 3 + 3  # four settings and the random mean, three families with "all"
     assert "| top1 | top | L0.H0 | all |" in paths["markdown"].read_text()
+
+
+@pytest.fixture(scope="module")
+def planted():
+    from tests.planted import build_planted_llava
+
+    return build_planted_llava()
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_ablating_the_planted_circuit_lets_every_attack_through_and_random_heads_change_nothing(planted, mode):
+    from sahs.experiments.ablate import run_ablation
+    from sahs.prompts.schema import make_dataset
+    from tests.planted import HEADS, LAYERS, PLANTED, planted_prompts
+
+    model, processor = planted
+    prompts = make_dataset(planted_prompts(8))
+    reference = make_dataset([{**row, "id": f"ref-{i}"} for i, row in enumerate(planted_prompts(4)) if row["label"] == 0])
+    candidates = [(layer, head) for layer in range(LAYERS) for head in range(HEADS)]
+    settings = AblationSettings(k=2, seeds=[0, 1, 2, 3], mode=mode, max_new_tokens=4, batch_size=6)
+    plan = ablation_plan(PLANTED, candidates, settings)
+    result = run_ablation(model, processor, prompts, plan, settings, reference=reference)
+    summary = result.summary()
+    assert summary["ablate/asr_none"] == 0 and summary["ablate/benign_refusal_rate_none"] == 0
+    assert summary["ablate/asr_top"] == 1.0  # the two planted heads carry every refusal
+    randoms = [r for r in result.records if r["kind"] == "random"]
+    assert len(randoms) == 4 * len(prompts) and all(r["agrees"] for r in randoms)  # every answer unchanged
+    assert summary["ablate/asr_random_mean"] == 0 and summary["ablate/asr_random_std"] == 0
+    drawn = {tuple(h) for r in randoms for h in r["heads"]}
+    assert not drawn & set(PLANTED) and len(drawn) > 4  # the control drew several other heads

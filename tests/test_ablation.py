@@ -10,7 +10,7 @@ import torch
 from sahs.extract.adapters import find_adapter
 from sahs.extract.formatting import encode_batch
 from sahs.extract.generation import generate_answers
-from sahs.guard.ablation import ablated_heads, head_means
+from sahs.extract.interventions import ablated_heads, head_means
 
 LAYER, HEAD = 2, 1
 

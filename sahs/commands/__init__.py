@@ -20,6 +20,7 @@ VERBS: dict[str, str] = {
     "locate": "rank every (layer, head) by a probe on that head alone; write the ranking and heatmap",
     "loao": "leave-one-attack-out generalization of the configured detector, fold by fold",
     "ablate": "answers with the top-k located heads ablated, against no ablation and random heads",
+    "patch": "rank every (layer, head) causally by activation patching over malicious/benign pairs, beside the probe ranking",
     "sweep": "run a W&B sweep definition in this process, online or offline; `sahs sweep report DIR` rebuilds its summary",
     "data": "build a prompt set and save it with its dataset card (`sahs data build --config ...`)",
     "export": "write a trained detector (--ckpt_path) as safetensors + JSON that load without Lightning",

@@ -20,6 +20,8 @@ class Options(AblationSettings):
         batch_size: Prompts per generation batch.
         reference_size: Benign training prompts whose per-head means ``mean`` ablation writes.
         judge: Refusal judge (``class_path`` / ``init_args``); None: the refusal-phrase matcher ``PhraseJudge()``.
+        heads: ``[[layer, head], ...]`` ablated in the top setting instead of the probe ranking's top k (e.g. the
+            top heads of ``sahs patch``, its ``top_heads.yaml``); each random setting then draws as many.
         output: Folder for the results (default: the run's own folder, ``<root_dir>/ablate/<run name>``).
     """
 
@@ -38,9 +40,10 @@ def main(argv: list[str]) -> None:
         raise SystemExit("this config has no sahs.callbacks.ActivationExtraction in trainer.callbacks: "
                          "it names no model or prompt set to ablate")
     run.ensure_cache()
-    ranking = _ranking(run.datamodule)
+    ranking = probe_ranking(run.datamodule)
     candidates = [(layer, head) for layer in ranking.layers for head in range(ranking.auroc.shape[1])]
-    plan = ablation_plan(ranking.top(min(options.k, len(candidates))), candidates, options)
+    top = [tuple(pair) for pair in options.heads] if options.heads else ranking.top(min(options.k, len(candidates)))
+    plan = ablation_plan(top, candidates, options)
     datamodule = run.datamodule
     ids = datamodule.column("id")
     test, reference = split_prompts(run.extraction.prompts.load(), ids[datamodule.splits["test"].numpy()],
@@ -64,7 +67,7 @@ def main(argv: list[str]) -> None:
           + f"  ({output})")
 
 
-def _ranking(datamodule):
+def probe_ranking(datamodule):
     """The run's head ranking (``data.top_k``), or the one ``sahs locate`` computes and stores beside the cache."""
     if datamodule.ranking is not None:
         return datamodule.ranking

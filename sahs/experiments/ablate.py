@@ -19,7 +19,7 @@ from sahs.eval.refusal import PhraseJudge, RefusalJudge
 from sahs.experiments.ablation_report import AblationResult, AblationSetting
 from sahs.extract.adapters import find_adapter
 from sahs.extract.generation import generate_answers
-from sahs.guard.ablation import AblationError, ablated_heads, check_heads, head_means
+from sahs.extract.interventions import AblationError, ablated_heads, check_heads, head_means
 
 
 @dataclass
@@ -34,6 +34,8 @@ class AblationSettings:
         batch_size: Prompts per generation batch.
         reference_size: Benign training prompts whose per-head means ``mean`` ablation writes.
         judge: Refusal judge (``class_path`` / ``init_args``); None: the refusal-phrase matcher ``PhraseJudge()``.
+        heads: ``[[layer, head], ...]`` ablated in the top setting instead of the probe ranking's top k (e.g. the
+            top heads of ``sahs patch``, its ``top_heads.yaml``); each random setting then draws as many.
     """
 
     k: int = 4
@@ -43,8 +45,14 @@ class AblationSettings:
     batch_size: int = 16
     reference_size: int = 128
     judge: RefusalJudge | None = None
+    heads: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
+        if self.heads is not None:
+            if not self.heads or any(len(pair) != 2 for pair in self.heads):
+                raise AblationError(f"ablate.heads must be a non-empty list of [layer, head] pairs, got {self.heads}")
+            self.heads = [[int(layer), int(head)] for layer, head in self.heads]
+            self.k = len(self.heads)
         if self.k < 1:
             raise AblationError(f"ablate.k must be at least 1, got {self.k}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):

@@ -1,6 +1,6 @@
 """The guard: a live model plus an exported detector, refusing risky prompts at their first token.
 
-Beside it, ``sahs.guard.ablation`` ablates chosen heads of the live model (zero or mean).
+Head ablation and patching hooks live beside the capture hooks, in ``sahs.extract.interventions``.
 """
 
 from sahs.guard.guard import DEFAULT_REFUSAL, DetectorMismatchError, GuardResult, SafetyGuard, model_config_for

@@ -1,4 +1,4 @@
-"""Head ablation: a chosen head's slice of the attention output projection's input, replaced at every position.
+"""Interventions on the live model: head ablation and activation patching, beside the capture hooks.
 
 A head's output is its ``head_dim`` slice of the input to ``o_proj`` (TransformerLens' ``hook_z``);
 after the projection the heads are mixed. Zero-ablation writes zeros there, mean-ablation the head's
@@ -113,3 +113,62 @@ def head_means(model: PreTrainedModel, processor: Any, adapter: ModelAdapter, te
             count += int(inputs["attention_mask"].sum())
             model(**inputs, use_cache=False)
     return (sums / count).float().view(layout.num_layers, layout.num_heads, layout.head_dim)
+
+
+# Where a decoder keeps its final norm, relative to ``get_decoder()``: read by path patching only.
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f")
+
+
+def final_norm(model: PreTrainedModel) -> nn.Module:
+    """The norm between the last layer's residual stream and the unembedding."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for name in FINAL_NORM_NAMES:
+        module = getattr(decoder, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise AblationError(f"path patching needs the final norm of {type(model).__name__}'s decoder, looked for "
+                        f"{list(FINAL_NORM_NAMES)}: add its name to sahs.extract.interventions.FINAL_NORM_NAMES")
+
+
+@contextmanager
+def recorded_heads(adapter: ModelAdapter, layers: Sequence[int], norm: nn.Module | None = None
+                   ) -> Iterator[dict[int | str, torch.Tensor]]:
+    """While active, every forward stores each layer's ``o_proj`` input at every position under its layer
+    (``[batch, pos, heads * head_dim]``) and, with ``norm``, the final norm's input under ``"resid"``."""
+    seen: dict[int | str, torch.Tensor] = {}
+
+    def keep(key: int | str):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            seen[key] = args[0].detach()
+        return hook
+
+    hooks = {adapter.out_projs[layer]: keep(layer) for layer in layers}
+    if norm is not None:
+        hooks[norm] = keep("resid")
+    with forward_pre_hooks(hooks):
+        yield seen
+
+
+@contextmanager
+def patched_head(adapter: ModelAdapter, layer: int, head: int, source: torch.Tensor,
+                 positions: torch.Tensor) -> Iterator[None]:
+    """While active, head ``(layer, head)``'s slice of ``o_proj``'s input takes ``source``'s values where
+    ``positions`` is set. ``source`` is ``[batch, pos, heads * head_dim]``, ``positions`` ``[batch, pos]``
+    (bool), both shaped like the patched forward; a forward of another length (a cached generation step,
+    one new position) passes untouched, so under ``generate`` only the prompt is patched."""
+    check_heads(adapter, [(layer, head)])
+    width = adapter.layout.head_dim
+    inside = slice(head * width, (head + 1) * width)
+    where = positions.bool().unsqueeze(-1)  # [batch, pos, 1]
+    patch = source[..., inside]
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        z = args[0]  # [batch, pos, heads * head_dim]
+        if z.shape[:2] != where.shape[:2]:
+            return None
+        z = z.clone()
+        z[..., inside] = torch.where(where.to(z.device), patch.to(device=z.device, dtype=z.dtype), z[..., inside])
+        return (z, *args[1:])
+
+    with forward_pre_hooks({adapter.out_projs[layer]: hook}):
+        yield
