@@ -19,7 +19,7 @@ from sahs.experiments.patching import (
     make_pairs,
     run_patching,
 )
-from sahs.experiments.patching_report import bootstrap_means, spearman
+from sahs.eval.intervals import bootstrap_means, spearman
 from sahs.extract.formatting import encode_batch
 from sahs.prompts.schema import make_dataset
 from tests.planted import (

@@ -1,4 +1,4 @@
-"""Bootstrap intervals for AUROC by request group: one fold, the mean over folds, paired differences.
+"""Bootstrap intervals by request group: AUROC of one fold, the mean over folds, paired differences; group means.
 
 Rows of one request (``group``: a question and its renderings) are not independent, so the bootstrap
 resamples whole requests, never rows. Each replicate draws, within each stratum (a fold and the class of
@@ -14,10 +14,12 @@ Draw order (what makes a seed reproducible): ``numpy.random.default_rng(seed)``;
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import rankdata
 
 
 @dataclass(frozen=True)
@@ -246,3 +248,32 @@ def paired_differences(reference: Sequence[Part], others: Sequence[Sequence[Part
         draws = replicates(parts, resample).mean(axis=1) - base
         out.append(percentile_interval(np.mean([plain_auroc(part) for part in parts]) - base_value, draws, level))
     return out
+
+
+def bootstrap_means(values: np.ndarray, groups, n_boot: int = 1000, seed: int = 0,
+                    level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Means of ``values [n, k]`` over rows and percentile intervals, resampling whole groups with replacement.
+
+    Each replicate draws as many groups as there are, ``rng.integers(0, G, (n_boot, G))`` with
+    ``numpy.random.default_rng(seed)``, groups in sorted order; a group drawn ``c`` times weighs ``c``.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    keys, index = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    sums = np.zeros((len(keys), values.shape[1]))
+    np.add.at(sums, index, values)
+    sizes = np.bincount(index, minlength=len(keys)).astype(np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(keys), size=(n_boot, len(keys)))
+    counts = np.zeros((n_boot, len(keys)))
+    np.add.at(counts, (np.repeat(np.arange(n_boot), len(keys)), draws.ravel()), 1.0)
+    means = (counts @ sums) / (counts @ sizes)[:, None]  # [n_boot, k]
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail], axis=0)
+    return values.mean(axis=0), low, high
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN when either side is constant."""
+    ra, rb = rankdata(a), rankdata(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return math.nan
+    return float(np.corrcoef(ra, rb)[0, 1])

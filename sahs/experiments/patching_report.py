@@ -21,41 +21,11 @@ import torch
 import yaml
 
 from sahs.eval.heatmap import heatmap_figure, save_figure
+from sahs.eval.intervals import bootstrap_means, spearman
 
 MEASURES = ("effect", "effect_malicious", "effect_benign", "direct")
 CSV_COLUMNS = ("layer", "head", "causal_rank", *(f"{m}{s}" for m in MEASURES for s in ("", "_ci_low", "_ci_high")),
                "fraction", "probe_auroc", "probe_rank")
-
-
-def bootstrap_means(values: np.ndarray, groups, n_boot: int = 1000, seed: int = 0,
-                    level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Means of ``values [n, k]`` over rows and percentile intervals, resampling whole groups with replacement.
-
-    Each replicate draws as many groups as there are, ``rng.integers(0, G, (n_boot, G))`` with
-    ``numpy.random.default_rng(seed)``, groups in sorted order; a group drawn ``c`` times weighs ``c``.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    keys, index = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
-    sums = np.zeros((len(keys), values.shape[1]))
-    np.add.at(sums, index, values)
-    sizes = np.bincount(index, minlength=len(keys)).astype(np.float64)
-    draws = np.random.default_rng(seed).integers(0, len(keys), size=(n_boot, len(keys)))
-    counts = np.zeros((n_boot, len(keys)))
-    np.add.at(counts, (np.repeat(np.arange(n_boot), len(keys)), draws.ravel()), 1.0)
-    replicates = (counts @ sums) / (counts @ sizes)[:, None]  # [n_boot, k]
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(replicates, [tail, 100 - tail], axis=0)
-    return values.mean(axis=0), low, high
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation (average ranks for ties); NaN when either side is constant."""
-    from scipy.stats import rankdata
-
-    ra, rb = rankdata(a), rankdata(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return math.nan
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 @dataclass
