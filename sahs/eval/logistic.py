@@ -89,7 +89,7 @@ def _cholesky(system: torch.Tensor) -> torch.Tensor:
     scale = system.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)  # [G]
     eye = torch.eye(system.shape[1], device=system.device, dtype=system.dtype)
     for jitter in (0.0, 1e-6, 1e-4, 1e-2):
-        factor, info = torch.linalg.cholesky_ex(system + (jitter * scale)[:, None, None] * eye)
+        factor, info = torch.linalg.cholesky_ex(system + (jitter * scale)[:, None, None] * eye if jitter else system)
         if not info.any():
             return factor
     raise ValueError("a logistic regression's curvature is not positive definite: features are degenerate")
