@@ -33,7 +33,7 @@ from sahs.eval.probes import HeadRanking, rank_heads
 
 RANKINGS_DIR = "rankings"
 # Bump when rank_heads' numbers change (solver, split, scoring): older files then stop matching.
-RANKING_VERSION = 2
+RANKING_VERSION = 3
 _PROBE_SETTINGS = ("holdout_fraction", "l2", "max_iter", "tol", "standardize")
 _PROBE_DEFAULTS = {name: inspect.signature(rank_heads).parameters[name].default for name in _PROBE_SETTINGS}
 

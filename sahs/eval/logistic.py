@@ -89,7 +89,7 @@ def _cholesky(system: torch.Tensor) -> torch.Tensor:
     scale = system.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)  # [G]
     eye = torch.eye(system.shape[1], device=system.device, dtype=system.dtype)
     for jitter in (0.0, 1e-6, 1e-4, 1e-2):
-        factor, info = torch.linalg.cholesky_ex(system + (jitter * scale)[:, None, None] * eye)
+        factor, info = torch.linalg.cholesky_ex(system + (jitter * scale)[:, None, None] * eye if jitter else system)
         if not info.any():
             return factor
     raise ValueError("a logistic regression's curvature is not positive definite: features are degenerate")
@@ -135,7 +135,7 @@ class _Probes:
         scale = variance.clamp_min(0).sqrt().clamp_min(1e-6) if standardize else x.new_ones(G, D)
         self.inv = 1 / scale  # population std, as StandardScaler
         # The bound: the Gram matrix of the centered features over 4n; centered, they decouple from the bias.
-        centered = gram.baddbmm_(self.shift[:, :, None], self.shift[:, None, :], alpha=-n).div_(4 * n)
+        centered = gram.addcmul_(self.shift[:, :, None], self.shift[:, None, :], value=-n).div_(4 * n)
         self.factor = _cholesky(_system(centered, x.new_zeros(G, D), x.new_full((G,), 0.25), self.inv, l2))
         ybar = y.mean().clamp(1e-6, 1 - 1e-6)
         self.theta = x.new_zeros(G, D + 1)  # weights on the scaled, centered features, then the bias
@@ -169,8 +169,8 @@ class _Probes:
         xx = torch.bmm(scaled.transpose(1, 2), scaled)
         xw, sw, shift = torch.bmm(w[:, None, :], self.x)[:, 0], w.sum(1), self.shift
         cross = xw - shift * sw[:, None]  # xc^T w, with xc = x - shift
-        centered = xx.baddbmm_(xw[:, :, None], shift[:, None, :], alpha=-1)
-        centered.baddbmm_(shift[:, :, None], cross[:, None, :], alpha=-1)
+        centered = xx.addcmul_(xw[:, :, None], shift[:, None, :], value=-1)
+        centered.addcmul_(shift[:, :, None], cross[:, None, :], value=-1)
         self.factor = _cholesky(_system(centered, cross, sw, self.inv, self.l2))
         self.direction = None
         self.stretch = torch.ones_like(self.stretch)
@@ -240,8 +240,8 @@ def solve_probes(
     G, n, D = x.shape
     y = y.to(device=x.device, dtype=x.dtype)
     if mean is None or xty is None:
-        sums = torch.bmm(x.transpose(1, 2), torch.stack([torch.ones_like(y), y], dim=1).expand(G, n, 2))
-        mean, xty = sums[:, :, 0] / n, sums[:, :, 1]
+        sums = torch.bmm(torch.stack([torch.ones_like(y), y]).expand(G, 2, n), x)  # [G, 2, D]: one pass
+        mean, xty = sums[:, 0] / n, sums[:, 1]
     state = _Probes(x, y, l2, standardize, mean, xty)
     inv = state.inv
     theta, loss = x.new_zeros(G, D + 1), x.new_zeros(G)

@@ -84,7 +84,7 @@ def _holdout_logits(
     stored = torch.empty(chunk * m * head_dim, dtype=flat.dtype, device=flat.device)
     work = torch.empty(chunk * m * head_dim, dtype=torch.float32, device=device)
     y = y_fit.to(device=device, dtype=torch.float32)
-    ones_and_y = torch.stack([torch.ones_like(y), y], dim=1)  # [n_fit, 2]
+    ones_and_y = torch.stack([torch.ones_like(y), y])  # [2, n_fit]
     logits = torch.empty(heads, len(holdout_rows))
     for start in range(0, heads, chunk):
         size = min(chunk, heads - start)
@@ -92,11 +92,11 @@ def _holdout_logits(
         torch.index_select(flat[:, start : start + size], 0, rows, out=gathered)
         x = work[: size * m * head_dim].view(size, m, head_dim)
         x.copy_(gathered.permute(1, 0, 2))  # [heads, rows, head_dim] in float32
-        sums = torch.bmm(x[:, :n_fit].transpose(1, 2), ones_and_y.expand(size, n_fit, 2))  # [size, head_dim, 2]
+        sums = torch.bmm(ones_and_y.expand(size, 2, n_fit), x[:, :n_fit])  # [size, 2, head_dim]: rows of x in order
         if not torch.isfinite(sums).all():  # NaN/inf reach the sums
             raise ValueError(f"features of heads {start}..{start + size - 1} (flat index) are not finite")
         probe = dict(l2=l2, standardize=standardize, tol=tol, max_iter=max_iter)
-        fit = solve_probes(x[:, :n_fit], y, mean=sums[:, :, 0] / n_fit, xty=sums[:, :, 1], **probe)
+        fit = solve_probes(x[:, :n_fit], y, mean=sums[:, 0] / n_fit, xty=sums[:, 1], **probe)
         holdout = torch.bmm(fit.weight[:, None, :], x[:, n_fit:].transpose(1, 2))[:, 0] + fit.bias[:, None]
         logits[start : start + size] = holdout.cpu()
     return logits
