@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import socket
 from pathlib import Path
 
 import pytest
@@ -80,14 +81,15 @@ def test_an_interrupted_grid_resumes_without_repeating_a_finished_run(tmp_path):
     assert len(again.calls) == 4  # the interrupted point and the three never started
     assert finished(tmp_path / "cut") == finished(tmp_path / "whole")  # every point once, same results
     run_local(spec, tmp_path / "cut", Runs(tmp_path / "cut"), say=lambda line: None)  # a finished grid: no run
-    assert len(read_records(tmp_path / "cut")) == 7
+    records = read_records(tmp_path / "cut")  # one record per grid point, named by its index: s-002 ran again
+    assert sorted(record.name for record in records) == [f"s-{index:03d}" for index in range(6)]
 
 
 def test_a_run_left_running_by_a_dead_process_is_run_again(tmp_path):
     spec = load_sweep(write_spec(tmp_path, {"loao.top_k": {"values": [1, 2]}}))
     sweep = LocalSweep(spec, tmp_path / "sweep")
-    trial, params = sweep.next_trial()
-    trial.set_user_attr("pid", 2 ** 22 + 12345)  # a process that does not exist
+    trial, params, record = sweep.next_trial()
+    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": 2 ** 22 + 12345})  # a process that is gone
     runs = Runs(tmp_path / "sweep")
     run_local(spec, tmp_path / "sweep", runs, say=lambda line: None)
     assert sorted(call["loao.top_k"] for call in runs.calls) == [1, 2]
