@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,7 @@ def write_summary(sweep_dir: str | Path, spec=None, plot: bool = True, from_fold
     best = best_row(rows, spec.metric, spec.goal)
     write_atomic(sweep_dir / SUMMARY_MD, _markdown(rows, columns, spec.name, best, spec.metric))
     written = [sweep_dir / SUMMARY_CSV, sweep_dir / SUMMARY_MD]
-    partial = sweep_dir / f".{PLOT}.partial.png"
+    partial = sweep_dir / f".{PLOT}.{os.getpid()}.partial.png"  # workers may write at once
     if plot and plot_auroc_vs_heads(rows, partial, spec.name) is not None:
         partial.replace(sweep_dir / PLOT)
         written.append(sweep_dir / PLOT)

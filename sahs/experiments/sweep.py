@@ -151,6 +151,17 @@ def storage_url(sweep_dir: Path, storage: str | None) -> str:
     return storage or f"sqlite:///{Path(sweep_dir) / STORAGE}"
 
 
+def open_study(storage: str, name: str, heartbeat: int = HEARTBEAT):
+    """An existing sweep's study, to read (``sahs sweep report``)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=name, storage=open_storage(storage, heartbeat))
+    except KeyError:
+        raise SweepError(f"{redact(storage)} holds no sweep named {name!r}; pass its --name") from None
+
+
 def _kind(trial) -> str:
     """done | failed (the run's own error) | running | waiting | lost (runs again) | skipped."""
     state = trial.state.name
@@ -177,8 +188,15 @@ class LocalSweep:
         self.storage = open_storage(self.url, self.heartbeat)
         # No fixed seed: a resumed or a second process must not draw the first one's sequence again.
         sampler = optuna.samplers.TPESampler() if spec.method == "bayes" else optuna.samplers.RandomSampler()
-        self.study = optuna.create_study(storage=self.storage, study_name=spec.name, direction=spec.goal,
-                                         sampler=sampler, load_if_exists=True)
+        try:  # the process that creates the study queues the grid; the others wait for that, then join
+            self.study = optuna.create_study(storage=self.storage, study_name=spec.name, direction=spec.goal,
+                                             sampler=sampler)
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            self.study = optuna.load_study(storage=self.storage, study_name=spec.name, sampler=sampler)
+            created = False
+        if not created:
+            self._wait_for_creator()
         self._check_identity(sweep_identity(spec, overrides), _normalized(list(overrides)))
         write_atomic(self.sweep_dir / DEFINITION, spec.path.read_text())  # what `sahs sweep report` reads
         write_atomic(self.sweep_dir / SWEEP_FILE, json.dumps(
@@ -187,6 +205,15 @@ class LocalSweep:
         self.points = points[:spec.run_cap] if spec.run_cap is not None else points
         self.host, self._checked = socket.gethostname(), -float("inf")
         self._heal()
+        if created:
+            self.study.set_user_attr("queued", len(self.points))
+
+    def _wait_for_creator(self, seconds: float = 60.0) -> None:
+        """A study just created by another worker: wait until it has queued the grid (else queue it here too)."""
+        deadline = time.monotonic() + seconds
+        while "queued" not in self.study.user_attrs and "definition" not in self.study.user_attrs and \
+                time.monotonic() < deadline:
+            time.sleep(0.2)
 
     def _check_identity(self, identity: str, overrides: list[str]) -> None:
         attrs = self.study.user_attrs

@@ -62,6 +62,11 @@ def open_storage(url: str, heartbeat: int):
                 url, engine_kwargs=engine, heartbeat_interval=int(heartbeat), grace_period=grace(heartbeat),
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
             break
+        except ImportError as error:
+            from sahs.experiments.sweep_spec import SweepError
+
+            raise SweepError(f"--storage {redact(url)} needs its database driver: {error}; for PostgreSQL "
+                             "`pip install 'sahs[postgres]'` (psycopg)") from None
         except Exception as error:  # noqa: BLE001 - a concurrent CREATE TABLE, or a server still starting
             last = error
             time.sleep(0.5 + attempt)
