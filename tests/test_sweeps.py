@@ -109,9 +109,12 @@ def test_offline_grid_sweep_records_every_run_and_its_best_row_is_what_the_run_l
     path = sweep_file(tiny, "grid", {"model.detector": {"values": detectors},
                                      "loao.top_k": {"values": [1, 4, 100]}})  # 100 > 12 heads: those runs fail
     main(["sweep", str(path), "--trainer.default_root_dir", str(tiny["root"] / "elsewhere")])
-    out = capsys.readouterr().out
+    printed = capsys.readouterr()
     sweep_dir = tiny["root"] / "elsewhere" / "sweeps" / "grid"
-    assert "grid point 6/6" in out and "fold 3/3" in out  # progress: the run, and the fold
+    # One console line per run, in grid order; each run's own output (fold progress) lies in its folder.
+    lines = [line for line in printed.out.splitlines() if line.startswith("[sahs] grid ")]
+    assert [line.split()[2:4] for line in lines] == [[f"{i}/6", f"grid-{i - 1:03d}"] for i in range(1, 7)]
+    assert "fold 1/3" not in printed.out and printed.err == ""  # no W&B banner, no warnings
 
     rows = read_summary(sweep_dir)
     assert sorted((row["model.detector"], row["loao.top_k"]) for row in rows) == sorted(
@@ -123,6 +126,7 @@ def test_offline_grid_sweep_records_every_run_and_its_best_row_is_what_the_run_l
 
     best = max((row for row in rows if row["status"] == "finished"), key=lambda row: float(row["loao/auroc_mean"]))
     run_dir = Path(best["dir"])
+    assert "fold 3/3" in (run_dir / "sweep_run.log").read_text()
     logged = offline_run(run_dir)  # what the run itself logged to W&B (offline files)
     assert float(best["loao/auroc_mean"]) == pytest.approx(logged["logged"]["loao/auroc_mean"], abs=1e-12)
     assert float(best["loao/auroc_min"]) == pytest.approx(logged["logged"]["loao/auroc_min"], abs=1e-12)
@@ -131,7 +135,9 @@ def test_offline_grid_sweep_records_every_run_and_its_best_row_is_what_the_run_l
     detector, chosen = logged["config"]["model"]["detector"], yaml.safe_load(Path(best["model.detector"]).read_text())
     assert detector["class_path"] == chosen["class_path"]  # the detector class and its init args
     assert {key: detector["init_args"][key] for key in chosen["init_args"]} == chosen["init_args"]
-    assert logged["config"]["loao"]["top_k"] == float(best["loao.top_k"])
+    assert logged["config"]["loao"]["top_k"] == int(best["loao.top_k"])
+    assert isinstance(logged["config"]["loao"]["top_k"], int)  # an integer parameter stays an integer
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["loao"]["top_k"] == int(best["loao.top_k"])
 
     # Independently: the same LOAO called directly on the cache's features gives the same figure.
     spec = yaml.safe_load(Path(best["model.detector"]).read_text())["init_args"]

@@ -17,7 +17,7 @@ class Options:
         max_iter: Most iterations of each fold's full-batch detector fit.
     """
 
-    top_k: float | None = None
+    top_k: int | float | None = None  # an int stays an int in the config and on W&B (8, not 8.0)
     transfer: bool = False
     max_iter: int = 1000
 

@@ -135,8 +135,8 @@ def main(argv: list[str]) -> None:
                 records = run_wandb(spec, sweep_dir, execute, sweep_id, count=options.count, say=say)
         except (KeyboardInterrupt, BrokenPipeError):
             _stopped(spec, sweep_dir)
-    if worker is None:
-        _finish(spec, sweep_dir, records, offline)
+        if worker is None:
+            _finish(spec, sweep_dir, records, offline)
 
 
 def redact(url: str) -> str:
@@ -229,7 +229,8 @@ def _run_workers(argv, options, spec, sweep_dir: Path, overrides, offline: bool,
     from sahs.experiments.report import write_summary
 
     write_summary(sweep_dir, spec)
-    _finish(spec, sweep_dir, read_records(sweep_dir), offline)
+    with _quiet_wandb():
+        _finish(spec, sweep_dir, read_records(sweep_dir), offline)
     if lost:
         raise SystemExit(1)
 

@@ -77,13 +77,14 @@ def _alive(pid: int) -> bool:
 def attempt(record: RunRecord, execute: Execute, spec: SweepSpec, sweep_dir: Path) -> float | None:
     """Run once and record the outcome: the metric, or None for a failed run (the error kept in the record).
 
-    The run's console output goes to ``<run folder>/sweep_run.log`` and its warnings are counted in the
-    record, once each, instead of on the sweep's console.
+    The run's console output (stdout and stderr) goes to ``<run folder>/sweep_run.log`` and its warnings
+    are counted in the record, once each, instead of on the sweep's console.
     """
     record.save(sweep_dir)
     printed = io.StringIO()
     try:
-        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed):
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed), \
+                contextlib.redirect_stderr(printed):
             warnings.simplefilter("always")
             try:
                 outcome = execute(dict(record.params), record.name)
