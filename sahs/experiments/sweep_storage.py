@@ -54,7 +54,9 @@ def open_storage(url: str, heartbeat: int):
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     sqlite = url.startswith("sqlite")
-    engine = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
+    # A server drops idle connections (a worker idles through a long run): renew them after 5 minutes, rather
+    # than pinging the server before every statement.
+    engine = {"connect_args": {"timeout": 60}} if sqlite else {"pool_recycle": 300}
     last = None
     for attempt in range(5):  # workers started together race to create the tables: the losers retry
         try:
