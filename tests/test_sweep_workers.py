@@ -95,3 +95,15 @@ def test_a_killed_worker_s_point_runs_again_once_after_its_heartbeat_stops(tmp_p
     retried = next(t for t in tries if t.state.name == "COMPLETE")
     assert retried.system_attrs["failed_trial"] == next(t for t in tries if t.state.name == "FAIL").number
     assert load_sweep(sweep_dir / "sweep.yaml").name == "demo"
+
+
+def test_each_worker_gets_one_visible_gpu_or_its_share_of_the_threads():
+    from sahs.commands.sweep import worker_environment
+
+    gpus = [worker_environment(index, 3, {"CUDA_VISIBLE_DEVICES": "2,5", "OMP_NUM_THREADS": "8"}) for index in range(3)]
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in gpus] == ["2", "5", "2"]  # round robin over the visible ones
+    assert [env["SAHS_SWEEP_WORKER"] for env in gpus] == ["1/3", "2/3", "3/3"]
+    cpu = [worker_environment(index, 2, {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "5"}) for index in range(2)]
+    assert [(env["CUDA_VISIBLE_DEVICES"], env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"]) for env in cpu] == [
+        ("", "2", "2"), ("", "2", "2")]
+    assert worker_environment(0, 4, {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2"})["OMP_NUM_THREADS"] == "1"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,27 @@ def test_a_w_and_b_sweep_runs_the_agents_draws_in_process(tiny, monkeypatch, cap
         assert logged["group"] == "online" and logged["job_type"] == "loao"
         assert logged["config"]["loao"]["top_k"] == float(row["loao.top_k"])
         assert float(row["loao/auroc_mean"]) == pytest.approx(logged["logged"]["loao/auroc_mean"], abs=1e-12)
+
+
+@pytest.mark.slow
+def test_sahs_sweep_with_two_workers_runs_each_grid_point_once(tiny, monkeypatch, capfd):
+    """`sahs sweep --workers 2`: two real `sahs` processes, each reading the cache once, share the grid."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(ROOT)
+    path = sweep_file(tiny, "two", {"model.detector": {"values": [str(DETECTORS / "logistic.yaml")]},
+                                    "loao.top_k": {"values": [1, 2, 3, 4]}, "loao.max_iter": {"values": [50, 100]}})
+    main(["sweep", str(path), "--workers", "2", "--trainer.default_root_dir", str(tiny["root"] / "workers")])
+    out = capfd.readouterr().out  # the workers write to this process's stdout file
+    sweep_dir = tiny["root"] / "workers" / "sweeps" / "two"
+    rows = read_summary(sweep_dir)
+    assert sorted(row["run"] for row in rows) == [f"two-{index:03d}" for index in range(8)]
+    assert {row["status"] for row in rows} == {"finished"}
+    lines = [line for line in out.splitlines() if line.startswith("[sahs w")]
+    assert len(lines) == 8 and {line.split("]")[0] for line in lines} <= {"[sahs w1/2", "[sahs w2/2"}
+    pids = {json.loads(path.read_text())["pid"] for path in (sweep_dir / "runs").glob("*.json")}
+    assert len(pids) >= 1 and os.getpid() not in pids  # the runs ran in the workers, not in this process
+    for row in rows:  # each run's figure is what LOAO gives on the cache for its point
+        direct = leave_one_attack_out(tiny["features"], tiny["labels"], tiny["attacks"], LoaoSettings(
+            top_k=int(row["loao.top_k"]), detector=LogisticDetector(**yaml.safe_load(
+                (DETECTORS / "logistic.yaml").read_text())["init_args"]), seed=0, max_iter=int(row["loao.max_iter"])))
+        assert float(row["loao/auroc_mean"]) == pytest.approx(direct.auroc_mean, abs=1e-6)

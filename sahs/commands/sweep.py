@@ -102,6 +102,8 @@ def main(argv: list[str]) -> None:
     from sahs.experiments.sweep_spec import SweepError, check_parameters, load_sweep
 
     spec = load_sweep(argv[0])  # a SweepError (a UserError) is printed by `sahs` in one line
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # not "Seed set to 0" and the GPU lines per process
 
     options, run = parse("sweep", [*spec.run_args, *argv[1:]], keep_logger=True)
     if options.workers < 1 or options.heartbeat < 1:
