@@ -296,3 +296,27 @@ def test_report_keeps_the_name_of_a_sweep_started_with_name(tmp_path, capsys):
     (tmp_path / "renamed" / "summary.md").unlink()
     main(["sweep", "report", str(tmp_path / "renamed")])
     assert (tmp_path / "renamed" / "summary.md").read_text().startswith("# Sweep renamed\n")
+
+
+def test_report_rebuilds_the_summary_from_the_storage_when_folders_are_not_shared(tmp_path, capsys):
+    """Two workers on one journal, each with a sweep folder of its own: the report of either lists every run."""
+    import shutil
+
+    from sahs.cli import main
+
+    spec = load_sweep(write_spec(tmp_path, GRID))
+    storage = f"journal:{tmp_path / 'shared' / 'sweep.journal'}"
+    run_local(spec, tmp_path / "node1", Runs(tmp_path / "node1"), count=2, storage=storage, say=lambda line: None)
+    run_local(spec, tmp_path / "node2", Runs(tmp_path / "node2"), storage=storage, say=lambda line: None)
+    assert len(read_records(tmp_path / "node1")) == 2  # each folder holds only its own runs
+    shutil.rmtree(tmp_path / "node1" / "loao")  # and not even those run folders any more
+    main(["sweep", "report", str(tmp_path / "node1")])  # the storage named in node1/sweep.json
+    with open(tmp_path / "node1" / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["run"] for row in rows] == [f"s-{index:03d}" for index in range(6)]
+    assert [float(row["loao/auroc_mean"]) for row in rows] == [
+        score({"model.detector": d, "loao.top_k": k}) for d in ("logistic", "mlp") for k in (1, 2, 4)]
+    # A folder that never saw the sweep: its definition comes from the storage too.
+    main(["sweep", "report", str(tmp_path / "elsewhere"), "--storage", storage, "--name", "s"])
+    summary = (tmp_path / "elsewhere" / "summary.md").read_text()
+    assert summary.startswith("# Sweep s\n") and "6 runs: 6 finished." in summary

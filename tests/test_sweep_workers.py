@@ -63,13 +63,15 @@ def check_every_point_once(sweep_dir: Path, storage: str, made: dict[str, list[d
     assert sorted(t.user_attrs["point"] for t in complete) == list(range(len(POINTS)))
 
 
-def storages(tmp_path: Path, postgres) -> dict[str, str]:  # noqa: F811
-    return {"postgresql": postgres.url(), "journal": f"journal:{tmp_path / 'sweep.journal'}"}
+def storage_for(kind: str, tmp_path: Path, postgres) -> str:  # noqa: F811
+    if kind == "sqlite":  # the default storage, shared by workers on one machine
+        return f"sqlite:///{tmp_path / 'sweep' / 'sweep.db'}"
+    return postgres.url() if kind == "postgresql" else f"journal:{tmp_path / 'sweep.journal'}"
 
 
-@pytest.mark.parametrize("kind", ["postgresql", "journal"])
+@pytest.mark.parametrize("kind", ["postgresql", "journal", "sqlite"])
 def test_three_workers_run_every_grid_point_exactly_once(tmp_path, postgres, kind):  # noqa: F811
-    storage = storages(tmp_path, postgres)[kind]
+    storage = storage_for(kind, tmp_path, postgres)
     codes, made, sweep_dir = run_workers(tmp_path, storage)
     assert codes == [0] * WORKERS
     assert all(len(calls) == 1 for calls in made.values()), {n: len(c) for n, c in made.items() if len(c) != 1}
@@ -79,7 +81,7 @@ def test_three_workers_run_every_grid_point_exactly_once(tmp_path, postgres, kin
 
 @pytest.mark.parametrize("kind", ["postgresql", "journal"])
 def test_a_killed_worker_s_point_runs_again_once_after_its_heartbeat_stops(tmp_path, postgres, kind):  # noqa: F811
-    storage = storages(tmp_path, postgres)[kind]
+    storage = storage_for(kind, tmp_path, postgres)
     codes, made, sweep_dir = run_workers(tmp_path, storage, kill="demo-005")
     assert sorted(codes) == [-9, 0, 0]  # one worker SIGKILLed, the others finished the grid
     assert {name: len(calls) for name, calls in made.items() if len(calls) != 1} == {"demo-005": 2}

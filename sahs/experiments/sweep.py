@@ -335,11 +335,16 @@ class LocalSweep:
         """Store the attempt's outcome and record; an interrupted one is queued again for any worker."""
         from optuna.trial import TrialState
 
-        trial.set_user_attr("outcome", {"status": record.status, "record": json.dumps(asdict(record), default=str)})
-        if record.status == "finished":
-            self.study.tell(trial, record.value, skip_if_finished=True)
-            return
-        self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        try:
+            trial.set_user_attr("outcome", {"status": record.status, "record": json.dumps(asdict(record), default=str)})
+            if record.status == "finished":
+                self.study.tell(trial, record.value, skip_if_finished=True)
+                return
+            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        except UpdateFinishedTrialError:  # this worker went silent past the grace period: its point was queued
+            return  # again and runs again (its record in the folder is overwritten by that run's)
         if record.status == "interrupted":
             requeue(self.study, self.study._storage.get_trial(trial._trial_id))
 

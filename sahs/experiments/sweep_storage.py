@@ -80,21 +80,28 @@ def open_storage(url: str, heartbeat: int):
 
 
 def _write_ahead(engine) -> None:
-    """SQLite in write-ahead mode: a commit is an append, not an fsync of the database (15 ms each here).
+    """SQLite for several processes: write-ahead mode, and every transaction takes the write lock at BEGIN.
 
-    Still one machine's file (WAL needs shared memory between its readers): a crash loses at most the last
-    commits, never the database's consistency.
+    Python's sqlite3 starts a transaction only at the first write, so two workers could both read a grid
+    point as waiting and both take it (Optuna's ``SELECT ... FOR UPDATE`` means nothing to SQLite);
+    ``BEGIN IMMEDIATE`` serializes them. In write-ahead mode a commit is an append, not an fsync of the
+    database (15 ms each here); a crash loses at most the last commits, never the database's consistency.
     """
     from sqlalchemy import event
 
-    def pragmas(connection, _record) -> None:
+    def connect(connection, _record) -> None:
+        connection.isolation_level = None  # transactions as sqlalchemy begins them, below
         cursor = connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
-    event.listen(engine, "connect", pragmas)
-    engine.dispose()  # connections opened while the tables were made reconnect with the pragmas
+    def begin(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    event.listen(engine, "connect", connect)
+    event.listen(engine, "begin", begin)
+    engine.dispose()  # connections opened while the tables were made reconnect with these settings
 
 
 def is_journal(storage) -> bool:
