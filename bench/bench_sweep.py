@@ -97,8 +97,12 @@ def sweep_times(cache: str, folder: Path) -> tuple[float, float, int, float]:
     return wall, cpu, len(records) - len(DETECTORS), warm
 
 
-def worker_rate(cache: str, folder: Path, workers: int) -> tuple[float, int, float]:
-    """``sahs sweep --workers N`` on a 40-point grid: (runs/min while all workers ran, runs counted, total wall s)."""
+def worker_rate(cache: str, folder: Path, workers: int) -> tuple[float, int, float, float]:
+    """``sahs sweep --workers N`` on a 40-point grid.
+
+    Returns runs/min while all workers ran, the runs counted, the command's wall seconds, and the CPU
+    seconds per run of the workers (what a free core per worker would turn into runs/min).
+    """
     from sahs.experiments.records import read_records
 
     spec = {"name": f"w{workers}", "program": "sahs", "method": "grid", "project": "sahs-bench",
@@ -122,7 +126,8 @@ def worker_rate(cache: str, folder: Path, workers: int) -> tuple[float, int, flo
     begin = max(min(r.started for r in rs) for rs in by_pid.values())  # every worker is running from here
     end = min(max(r.finished for r in rs) for rs in by_pid.values())  # ... to here
     inside = [r for r in records if r.started >= begin and r.finished <= end]
-    return 60 * len(inside) / (end - begin), len(inside), wall
+    cpu = sum(r.cpu for r in inside) / len(inside)
+    return 60 * len(inside) / (end - begin), len(inside), wall, cpu
 
 
 def storage_costs(folder: Path, runs: int = 40) -> dict[str, float]:
@@ -193,10 +198,10 @@ def main() -> None:
         rates = []
         for workers in (1, 2, 1):  # one worker before and after: the machine's load moves in between
             with tempfile.TemporaryDirectory() as folder:
-                rate, counted, wall = worker_rate(args.cache, Path(folder), workers)
+                rate, counted, wall, cpu = worker_rate(args.cache, Path(folder), workers)
             rates.append(rate)
-            print(f"--workers {workers}: {rate:5.1f} runs/min while all ran ({counted} runs); {wall:.0f} s in all "
-                  f"(load average {os.getloadavg()[0]:.1f})")
+            print(f"--workers {workers}: {rate:5.1f} runs/min while all ran ({counted} runs); {cpu:.2f} s CPU per "
+                  f"run in a worker; {wall:.0f} s in all (load average {os.getloadavg()[0]:.1f})")
         print(f"2 workers / 1 worker: {2 * rates[1] / (rates[0] + rates[2]):.2f}x runs/min (target >= 1.6x on 2 cores)")
     if "storages" not in skip:
         with tempfile.TemporaryDirectory() as folder:

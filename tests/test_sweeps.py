@@ -223,7 +223,7 @@ def test_sahs_sweep_with_two_workers_runs_each_grid_point_once(tiny, monkeypatch
     rows = read_summary(sweep_dir)
     assert sorted(row["run"] for row in rows) == [f"two-{index:03d}" for index in range(8)]
     assert {row["status"] for row in rows} == {"finished"}
-    lines = [line for line in out.splitlines() if line.startswith("[sahs w")]
+    lines = [line for line in out.splitlines() if line.startswith("[sahs w") and " two-0" in line]  # run lines
     assert len(lines) == 8 and {line.split("]")[0] for line in lines} <= {"[sahs w1/2", "[sahs w2/2"}
     pids = {json.loads(path.read_text())["pid"] for path in (sweep_dir / "runs").glob("*.json")}
     assert len(pids) >= 1 and os.getpid() not in pids  # the runs ran in the workers, not in this process

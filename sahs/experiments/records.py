@@ -45,6 +45,7 @@ class RunRecord:
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
     warnings: dict[str, int] = field(default_factory=dict)  # each distinct warning the run raised: how often
+    cpu: float | None = None  # CPU seconds its process spent on the run
 
     def save(self, sweep_dir: str | Path) -> None:
         write_atomic(Path(sweep_dir) / RECORDS / f"{self.name}.json", json.dumps(asdict(self), indent=1, default=str))

@@ -81,7 +81,7 @@ def attempt(record: RunRecord, execute: Execute, spec: SweepSpec, sweep_dir: Pat
     are counted in the record, once each, instead of on the sweep's console.
     """
     record.save(sweep_dir)
-    printed = io.StringIO()
+    printed, cpu = io.StringIO(), time.process_time()
     try:
         with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed), \
                 contextlib.redirect_stderr(printed):
@@ -89,6 +89,7 @@ def attempt(record: RunRecord, execute: Execute, spec: SweepSpec, sweep_dir: Pat
             try:
                 outcome = execute(dict(record.params), record.name)
             finally:
+                record.cpu = round(time.process_time() - cpu, 3)
                 for warning in caught:
                     text = f"{warning.category.__name__}: {warning.message}"
                     record.warnings[text] = record.warnings.get(text, 0) + 1
