@@ -232,3 +232,18 @@ def test_sahs_sweep_with_two_workers_runs_each_grid_point_once(tiny, monkeypatch
             top_k=int(row["loao.top_k"]), detector=LogisticDetector(**yaml.safe_load(
                 (DETECTORS / "logistic.yaml").read_text())["init_args"]), seed=0, max_iter=int(row["loao.max_iter"])))
         assert float(row["loao/auroc_mean"]) == pytest.approx(direct.auroc_mean, abs=1e-6)
+
+
+def test_the_same_sweep_with_other_overrides_is_refused_in_one_line_before_any_run(tiny, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    path = sweep_file(tiny, "seeded", {"loao.top_k": {"values": [1, 2]}})
+    main(["sweep", str(path), "--count", "1"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["sweep", str(path), "--seed_everything", "1"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "'--seed_everything=1'" in error[0] and "--name" in error[0]
+    sweep_dir = tiny["root"] / "outputs" / "sweeps" / "seeded"
+    assert [r["run"] for r in read_summary(sweep_dir)] == ["seeded-000"]  # nothing ran
+    main(["sweep", str(path), "--seed_everything", "1", "--name", "seeded1"])  # a new sweep, all its points
+    assert [r["status"] for r in read_summary(tiny["root"] / "outputs" / "sweeps" / "seeded1")] == ["finished"] * 2
