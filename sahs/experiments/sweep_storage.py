@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,12 @@ def redact(url: str) -> str:
 
 def requeue(study, trial) -> None:
     """Queue ``trial``'s point again as a waiting trial (its parameters and user attrs), as Optuna retries."""
+    import optuna
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    RetryHeartbeatStaleTrialCallback(max_retry=None)(study, trial)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=None)(study, trial)
 
 
 def open_storage(url: str, heartbeat: int):
@@ -60,9 +64,11 @@ def open_storage(url: str, heartbeat: int):
     last = None
     for attempt in range(5):  # workers started together race to create the tables: the losers retry
         try:
-            storage = optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=int(heartbeat), grace_period=grace(heartbeat),
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
+            with warnings.catch_warnings():  # Optuna marks its heartbeat experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine, heartbeat_interval=int(heartbeat), grace_period=grace(heartbeat),
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
             break
         except ImportError as error:
             from sahs.experiments.sweep_spec import SweepError
@@ -153,9 +159,9 @@ def fail_lost(study, heartbeat: int, dead: list | None = None) -> None:
     if is_journal(storage):
         now, limit = time.time(), grace(heartbeat)
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            beat = trial.system_attrs.get(BEAT)
-            if beat is None and trial.datetime_start is not None:  # popped, then lost before its first beat
-                beat = trial.datetime_start.timestamp()  # the journal keeps local time: read as such
+            beat = trial.system_attrs.get(BEAT)  # a retry carries the lost attempt's last beat: count from its start
+            if trial.datetime_start is not None:  # the journal keeps local time: read as such
+                beat = max(beat or 0.0, trial.datetime_start.timestamp())
             if beat is not None and now - beat > limit:
                 lost.append(trial)
     else:
