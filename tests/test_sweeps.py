@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -109,9 +110,12 @@ def test_offline_grid_sweep_records_every_run_and_its_best_row_is_what_the_run_l
     path = sweep_file(tiny, "grid", {"model.detector": {"values": detectors},
                                      "loao.top_k": {"values": [1, 4, 100]}})  # 100 > 12 heads: those runs fail
     main(["sweep", str(path), "--trainer.default_root_dir", str(tiny["root"] / "elsewhere")])
-    out = capsys.readouterr().out
+    printed = capsys.readouterr()
     sweep_dir = tiny["root"] / "elsewhere" / "sweeps" / "grid"
-    assert "grid point 6/6" in out and "fold 3/3" in out  # progress: the run, and the fold
+    # One console line per run, in grid order; each run's own output (fold progress) lies in its folder.
+    lines = [line for line in printed.out.splitlines() if line.startswith("[sahs] grid ")]
+    assert [line.split()[2:4] for line in lines] == [[f"{i}/6", f"grid-{i - 1:03d}"] for i in range(1, 7)]
+    assert "fold 1/3" not in printed.out and printed.err == ""  # no W&B banner, no warnings
 
     rows = read_summary(sweep_dir)
     assert sorted((row["model.detector"], row["loao.top_k"]) for row in rows) == sorted(
@@ -123,6 +127,7 @@ def test_offline_grid_sweep_records_every_run_and_its_best_row_is_what_the_run_l
 
     best = max((row for row in rows if row["status"] == "finished"), key=lambda row: float(row["loao/auroc_mean"]))
     run_dir = Path(best["dir"])
+    assert "fold 3/3" in (run_dir / "sweep_run.log").read_text()
     logged = offline_run(run_dir)  # what the run itself logged to W&B (offline files)
     assert float(best["loao/auroc_mean"]) == pytest.approx(logged["logged"]["loao/auroc_mean"], abs=1e-12)
     assert float(best["loao/auroc_min"]) == pytest.approx(logged["logged"]["loao/auroc_min"], abs=1e-12)
@@ -131,7 +136,9 @@ def test_offline_grid_sweep_records_every_run_and_its_best_row_is_what_the_run_l
     detector, chosen = logged["config"]["model"]["detector"], yaml.safe_load(Path(best["model.detector"]).read_text())
     assert detector["class_path"] == chosen["class_path"]  # the detector class and its init args
     assert {key: detector["init_args"][key] for key in chosen["init_args"]} == chosen["init_args"]
-    assert logged["config"]["loao"]["top_k"] == float(best["loao.top_k"])
+    assert logged["config"]["loao"]["top_k"] == int(best["loao.top_k"])
+    assert isinstance(logged["config"]["loao"]["top_k"], int)  # an integer parameter stays an integer
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["loao"]["top_k"] == int(best["loao.top_k"])
 
     # Independently: the same LOAO called directly on the cache's features gives the same figure.
     spec = yaml.safe_load(Path(best["model.detector"]).read_text())["init_args"]
@@ -201,3 +208,42 @@ def test_a_w_and_b_sweep_runs_the_agents_draws_in_process(tiny, monkeypatch, cap
         assert logged["group"] == "online" and logged["job_type"] == "loao"
         assert logged["config"]["loao"]["top_k"] == float(row["loao.top_k"])
         assert float(row["loao/auroc_mean"]) == pytest.approx(logged["logged"]["loao/auroc_mean"], abs=1e-12)
+
+
+@pytest.mark.slow
+def test_sahs_sweep_with_two_workers_runs_each_grid_point_once(tiny, monkeypatch, capfd):
+    """`sahs sweep --workers 2`: two real `sahs` processes, each reading the cache once, share the grid."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(ROOT)
+    path = sweep_file(tiny, "two", {"model.detector": {"values": [str(DETECTORS / "logistic.yaml")]},
+                                    "loao.top_k": {"values": [1, 2, 3, 4]}, "loao.max_iter": {"values": [50, 100]}})
+    main(["sweep", str(path), "--workers", "2", "--trainer.default_root_dir", str(tiny["root"] / "workers")])
+    out = capfd.readouterr().out  # the workers write to this process's stdout file
+    sweep_dir = tiny["root"] / "workers" / "sweeps" / "two"
+    rows = read_summary(sweep_dir)
+    assert sorted(row["run"] for row in rows) == [f"two-{index:03d}" for index in range(8)]
+    assert {row["status"] for row in rows} == {"finished"}
+    lines = [line for line in out.splitlines() if line.startswith("[sahs w") and " two-0" in line]  # run lines
+    assert len(lines) == 8 and {line.split("]")[0] for line in lines} <= {"[sahs w1/2", "[sahs w2/2"}
+    pids = {json.loads(path.read_text())["pid"] for path in (sweep_dir / "runs").glob("*.json")}
+    assert len(pids) >= 1 and os.getpid() not in pids  # the runs ran in the workers, not in this process
+    for row in rows:  # each run's figure is what LOAO gives on the cache for its point
+        direct = leave_one_attack_out(tiny["features"], tiny["labels"], tiny["attacks"], LoaoSettings(
+            top_k=int(row["loao.top_k"]), detector=LogisticDetector(**yaml.safe_load(
+                (DETECTORS / "logistic.yaml").read_text())["init_args"]), seed=0, max_iter=int(row["loao.max_iter"])))
+        assert float(row["loao/auroc_mean"]) == pytest.approx(direct.auroc_mean, abs=1e-6)
+
+
+def test_the_same_sweep_with_other_overrides_is_refused_in_one_line_before_any_run(tiny, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    path = sweep_file(tiny, "seeded", {"loao.top_k": {"values": [1, 2]}})
+    main(["sweep", str(path), "--count", "1"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["sweep", str(path), "--seed_everything", "1"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "'--seed_everything=1'" in error[0] and "--name" in error[0]
+    sweep_dir = tiny["root"] / "outputs" / "sweeps" / "seeded"
+    assert [r["run"] for r in read_summary(sweep_dir)] == ["seeded-000"]  # nothing ran
+    main(["sweep", str(path), "--seed_everything", "1", "--name", "seeded1"])  # a new sweep, all its points
+    assert [r["status"] for r in read_summary(tiny["root"] / "outputs" / "sweeps" / "seeded1")] == ["finished"] * 2

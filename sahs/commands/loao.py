@@ -21,7 +21,7 @@ class Options:
             loao/auroc_mean_std their spread.
     """
 
-    top_k: float | None = None
+    top_k: int | float | None = None  # an int stays an int in the config and on W&B (8, not 8.0)
     transfer: bool = False
     max_iter: int = 1000
     n_boot: int = 1000

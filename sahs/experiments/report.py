@@ -46,10 +46,14 @@ def _text(value: Any) -> Any:
     return value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value)
 
 
-def summary_rows(sweep_dir: str | Path, metric: str = MEAN, from_folders: bool = False) -> list[dict[str, Any]]:
-    """One row per run of the sweep, from its record, or (``from_folders``) from the files in its folder."""
+def summary_rows(sweep_dir: str | Path, metric: str = MEAN, from_folders: bool = False,
+                 records: list | None = None) -> list[dict[str, Any]]:
+    """One row per run of the sweep, from its record, or (``from_folders``) from the files in its folder.
+
+    ``records``: the runs' records when not read from ``<sweep dir>/runs`` (e.g. from the sweep's storage).
+    """
     rows = []
-    for record in read_records(sweep_dir):
+    for record in read_records(sweep_dir) if records is None else records:
         row: dict[str, Any] = {"run": record.name, "status": record.status}
         row.update({name: _text(value) for name, value in record.params.items()})
         folder = Path(record.dir) if record.dir else None
@@ -186,7 +190,8 @@ def _markdown(rows: list[dict[str, Any]], columns: list[str], title: str, best: 
     return "\n".join(lines) + "\n"
 
 
-def write_summary(sweep_dir: str | Path, spec=None, plot: bool = True, from_folders: bool = False) -> list[Path]:
+def write_summary(sweep_dir: str | Path, spec=None, plot: bool = True, from_folders: bool = False,
+                  records: list | None = None) -> list[Path]:
     """Write the summary table (CSV, markdown) and (``plot``) the plot of a sweep folder; returns the files written.
 
     Without ``spec`` the sweep's definition is read from the folder; ``from_folders`` takes each finished
@@ -200,7 +205,7 @@ def write_summary(sweep_dir: str | Path, spec=None, plot: bool = True, from_fold
             raise SweepError(f"{sweep_dir} is not a sweep folder (no {DEFINITION}); pass the folder that "
                                     "`sahs sweep` printed, e.g. outputs/demo/sweeps/demo_capacity")
         spec = load_sweep(sweep_dir / DEFINITION)
-    rows = summary_rows(sweep_dir, spec.metric, from_folders)
+    rows = summary_rows(sweep_dir, spec.metric, from_folders, records)
     best = best_row(rows, spec.metric, spec.goal)
     compare_to_best(rows, best)
     columns = _columns(rows) if rows else ["run", "status"]

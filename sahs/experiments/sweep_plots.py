@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import zlib
 from collections import defaultdict
@@ -73,7 +74,7 @@ def _figure(width: float, height: float) -> Figure:
 
 def _save(figure: Figure, path: Path) -> Path:
     """Write through a partial file, so a reader never sees half a plot."""
-    partial = path.with_name(f".{path.name}.partial.png")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial.png")  # workers may write at once
     figure.savefig(partial, dpi=120)
     partial.replace(path)
     return path

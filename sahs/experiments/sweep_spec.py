@@ -142,8 +142,12 @@ def _parameter(name: str, spec: Any) -> Parameter:
         low, high = float(spec["min"]), float(spec["max"])
     except (KeyError, TypeError, ValueError):
         raise SweepError(f"parameter {name!r}: the {distribution} distribution needs numeric `min` and `max`") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise SweepError(f"parameter {name!r}: `min` and `max` must be finite numbers, got min={low}, max={high}; "
+                         "give the largest value worth trying")
     q = spec.get("q")
-    if not low < high or (q is not None and not float(q) > 0):
+    bad_q = q is not None and not (isinstance(q, (int, float)) and not isinstance(q, bool) and math.isfinite(q) and q > 0)
+    if not low < high or bad_q:
         raise SweepError(f"parameter {name!r}: needs min < max and q > 0, got min={low}, max={high}, q={q}")
     if distribution.startswith("q_") and q is None:
         raise SweepError(f"parameter {name!r}: the {distribution} distribution needs `q`")
@@ -219,6 +223,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
                          "as '${args}' inside [...]") from None
     if not isinstance(raw, dict):
         raise SweepError(f"{path}: a sweep definition is a YAML mapping with method, metric, parameters, command")
+    if "method" not in raw and {"trainer", "model", "data", "seed_everything"} & set(raw):
+        raise SweepError(f"{path} is a run config, not a sweep definition: run it with `sahs loao --config {path}`, "
+                         "or sweep it from a YAML such as sweeps/demo_capacity.yaml whose `command` names it")
     method = raw.get("method")
     if method not in METHODS:
         raise SweepError(f"{path}: `method` must be one of {', '.join(METHODS)}, got {method!r}")
