@@ -216,7 +216,7 @@ def test_an_online_wandb_logger_without_a_login_says_how_to_log_in(synthetic_run
     (["--data.top_k=abc"], "config error: data.top_k got 'abc'; accepted: int or null"),
     (["--data.heads=[[1]]"], "config error: data.heads[] got '[1]'; accepted: tuple with 2 elements"),
     (["--top_k", "8"], "--top_k is not an option of `sahs fit`: did you mean --data.top_k? "
-                       "(the short --top_k is an option of `sahs locate` and `sahs loao` only)"),
+                       "(the short --top_k is an option of `sahs locate`, `sahs loao` and `sahs patch` only)"),
     (["--max_epochs", "3"], "--max_epochs is not an option of `sahs fit`: did you mean --trainer.max_epochs?"),
 ], ids=["not-an-int", "not-pairs", "short-form", "trainer-key"])
 def test_a_value_or_a_short_option_that_does_not_fit_names_the_key(synthetic_run, capsys, argv, named):

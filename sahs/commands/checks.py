@@ -115,6 +115,7 @@ def check_wandb(loggers: Any) -> None:
     except TypeError:  # an older wandb without ``prompt``: its own error comes when the run starts
         return
     if not logged_in:
+        wandb.teardown()  # the login check set W&B up online in this process; a later run must start afresh
         raise SettingsError("trainer.logger is a WandbLogger but W&B has no login: run `wandb login` (or set "
                             "WANDB_API_KEY), or log offline with WANDB_MODE=offline or --trainer.logger.offline true")
 

@@ -148,8 +148,9 @@ def _unknown_top_level(key: str, verb: str | None = None) -> str:
         meant = [s for s in owners if s not in verbs] or verbs
         if owners:
             command = f"`sahs {verb}`" if verb else "this verb"
-            short = (f" (the short --{key} is an option of {' and '.join(f'`sahs {v}`' for v in verbs)} "
-                     "only)") if verbs else ""
+            named = [f"`sahs {v}`" for v in verbs]
+            listed = ", ".join(named[:-1]) + " and " + named[-1] if len(named) > 1 else "".join(named)
+            short = f" (the short --{key} is an option of {listed} only)" if verbs else ""
             return (f"config error: --{key} is not an option of {command}: did you mean "
                     f"{' or '.join(f'--{s}.{key}' for s in meant)}?{short}")
     if name and section in sections:
