@@ -154,6 +154,44 @@ def test_offline_grid_sweep_records_every_run_and_its_best_row_is_what_the_run_l
     assert not (tiny["root"] / "outputs").exists()  # the command line's root took every output
 
 
+@pytest.mark.parametrize("parameters", [
+    {"model.detector": {"values": [str(DETECTORS / "group_lasso.yaml"), str(DETECTORS / "logistic.yaml")]},
+     "loao.top_k": {"values": [2, 0.5]}, "loao.max_iter": {"values": [50]}},
+    # A parameter below the logger (an identity key, and next to the interpolated save_dir): another order.
+    {"trainer.logger.init_args.name": {"values": ["a", "b"]}, "seed_everything": {"values": [3]},
+     "loao.top_k": {"values": [4]}},
+], ids=["detector-top_k-max_iter", "logger-key"])
+def test_each_sweep_run_saves_the_config_that_loao_resolves_from_the_same_arguments(tiny, parser, parameters,
+                                                                                    monkeypatch):
+    from sahs.experiments.records import read_records
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    name = "same-config-" + "-".join(sorted(parameters))[:40].replace(".", "_")
+    path = sweep_file(tiny, name, parameters)
+    main(["sweep", str(path), "--trainer.default_root_dir", str(tiny["root"] / "configs"), "--loao.n_boot=50"])
+    spec, sweep_dir = load_sweep(path), (tiny["root"] / "configs" / "sweeps" / name).resolve()
+    records = read_records(sweep_dir)
+    assert len(records) == math.prod(len(p["values"]) for p in parameters.values())
+    assert all(record.status == "finished" for record in records)
+    for record in records:
+        # What `sahs loao --config C <overrides> <the sweep's identity>` parses, in one full parse, as YAML.
+        argv = [*spec.run_args, "--trainer.default_root_dir", str(tiny["root"] / "configs"), "--loao.n_boot=50",
+                *spec.overrides(record.params), f"--trainer.default_root_dir={sweep_dir}", f"--run.group={name}",
+                "--run.tags=[sweep]", "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
+                f"--trainer.logger.init_args.project={spec.project}", "--trainer.logger.init_args.offline=true",
+                f"--run.name={record.name}"]
+        want = yaml.safe_load(parser.dump(parser.parse_args(argv), skip_none=False))
+        saved = yaml.safe_load((Path(record.dir) / "config.yaml").read_text())
+        assert saved == want, record.name
+        for key, value in record.params.items():  # and each parameter's value is in it
+            node = saved
+            for part in key.split("."):
+                node = node[part]
+            if not str(value).endswith(".yaml"):
+                assert node == value, key
+
+
 def test_a_parameter_that_names_no_config_key_fails_before_any_run(tiny, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
     path = sweep_file(tiny, "typo", {"loao.top_k": {"values": [1, 2]},
