@@ -192,6 +192,16 @@ def test_each_sweep_run_saves_the_config_that_loao_resolves_from_the_same_argume
                 assert node == value, key
 
 
+def test_a_saved_config_goes_through_json_only_where_it_reads_back_as_yaml_would():
+    from sahs.commands.run_config import _plain_json
+
+    plain = {"a": [1, 2.5, None, True, "1e-3", {"b": "x: y"}], "c": float("inf"), "d": 10**20}
+    assert json.loads(_plain_json(plain)) == yaml.safe_load(yaml.safe_dump(plain))
+    for other in ({1: "integer key"}, {"a": (1, 2)}, {"a": {3}}, {"a": b"bytes"}):  # JSON would change these
+        with pytest.raises(TypeError):
+            _plain_json(other)
+
+
 def test_a_parameter_that_names_no_config_key_fails_before_any_run(tiny, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
     path = sweep_file(tiny, "typo", {"loao.top_k": {"values": [1, 2]},

@@ -18,11 +18,34 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import set_dumper
 
 from sahs.commands import checks, runs
 from sahs.experiments.records import CONFIG_FILE
 from sahs.data.datamodule import ActivationDataModule
 from sahs.models.module import DetectorModule
+
+
+# The dump format of a run's saved config: JSON where it reads back exactly what YAML would, else an error.
+PLAIN_JSON = "sahs_plain_json"
+
+
+def _json_native(value: Any) -> bool:
+    """Whether JSON reads ``value`` back as YAML does: string-keyed dicts, lists, strings, numbers, booleans, None."""
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and _json_native(item) for key, item in value.items())
+    if isinstance(value, list):
+        return all(_json_native(item) for item in value)
+    return value is None or isinstance(value, (str, int, float))
+
+
+def _plain_json(data: Any) -> str:
+    if not _json_native(data):
+        raise TypeError("not plain JSON")
+    return json.dumps(data)
+
+
+set_dumper(PLAIN_JSON, _plain_json)
 
 
 @dataclass
@@ -161,8 +184,10 @@ class RunParser:
         loggers = [] if loggers is None or isinstance(loggers, bool) else (
             loggers if isinstance(loggers, list) else [loggers])
         seed = config.get("seed_everything")
-        # Parsed, so valid; JSON loads back the same plain values as YAML, in a fraction of the time.
-        plain = json.loads(self._parser.dump(config, format="json", skip_none=False, skip_validation=True))
+        try:  # parsed, so valid; JSON reads back the same plain values as YAML, in a fraction of the time
+            plain = json.loads(self._parser.dump(config, format=PLAIN_JSON, skip_none=False, skip_validation=True))
+        except TypeError:  # a value that only YAML holds as it is (an integer key, a date...)
+            plain = yaml.safe_load(self._parser.dump(config, skip_none=False, skip_validation=True))
         extraction_config = [c for c in plain["trainer"].get("callbacks") or []
                              if c.get("class_path", "").endswith("ActivationExtraction")]
         run = Run(init["data"], init["model"], Path(plain["trainer"]["default_root_dir"] or "."), extraction,
