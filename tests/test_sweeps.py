@@ -70,6 +70,25 @@ def test_every_value_of_every_parameter_lands_in_the_config_key_it_names(path, p
                 assert landed == pytest.approx(want) if isinstance(want, float) else landed == want, parameter.name
 
 
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_value_of_every_parameter_parses_as_one_full_parse_does_when_the_rest_is_read_once(path, parser,
+                                                                                               monkeypatch, tmp_path):
+    from sahs.commands.run_config import FixedArgs
+
+    monkeypatch.chdir(ROOT)
+    spec = load_sweep(path)
+    head = [*spec.run_args, f"--trainer.default_root_dir={tmp_path}", "--run.tags=[sweep]",
+            "--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.init_args.offline=true"]
+    fixed = FixedArgs(parser, tuple(head))
+    assert fixed.resolved == {"trainer.logger.init_args.save_dir": str(tmp_path)}  # demo.yaml's ${...}, resolved once
+    first = spec.first_point()
+    for index, parameter in enumerate(spec.parameters):
+        before = spec.overrides({p.name: first[p.name] for p in spec.parameters[:index]})
+        for value in candidates(parameter):
+            argv = [*head, *before, f"--{parameter.name}={cli_text(value)}", "--run.name=a"]
+            assert fixed.parse(argv) == parser.parse_args(argv), (parameter.name, value)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Offline sweeps of real LOAO runs on a tiny synthetic cache (3 attack families, two planted heads).
 
