@@ -70,6 +70,25 @@ def test_every_value_of_every_parameter_lands_in_the_config_key_it_names(path, p
                 assert landed == pytest.approx(want) if isinstance(want, float) else landed == want, parameter.name
 
 
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_value_of_every_parameter_parses_as_one_full_parse_does_when_the_rest_is_read_once(path, parser,
+                                                                                               monkeypatch, tmp_path):
+    from sahs.commands.run_config import FixedArgs
+
+    monkeypatch.chdir(ROOT)
+    spec = load_sweep(path)
+    head = [*spec.run_args, f"--trainer.default_root_dir={tmp_path}", "--run.tags=[sweep]",
+            "--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.init_args.offline=true"]
+    fixed = FixedArgs(parser, tuple(head))
+    assert fixed.resolved == {"trainer.logger.init_args.save_dir": str(tmp_path)}  # demo.yaml's ${...}, resolved once
+    first = spec.first_point()
+    for index, parameter in enumerate(spec.parameters):
+        before = spec.overrides({p.name: first[p.name] for p in spec.parameters[:index]})
+        for value in candidates(parameter):
+            argv = [*head, *before, f"--{parameter.name}={cli_text(value)}", "--run.name=a"]
+            assert fixed.parse(argv) == parser.parse_args(argv), (parameter.name, value)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Offline sweeps of real LOAO runs on a tiny synthetic cache (3 attack families, two planted heads).
 
@@ -152,6 +171,54 @@ def test_offline_grid_sweep_records_every_run_and_its_best_row_is_what_the_run_l
     again = json.loads((run_dir.parent / f"{run_dir.name}-2" / "metrics.json").read_text())
     assert again["loao/auroc_mean"] == pytest.approx(float(best["loao/auroc_mean"]), abs=1e-9)
     assert not (tiny["root"] / "outputs").exists()  # the command line's root took every output
+
+
+@pytest.mark.parametrize("parameters", [
+    {"model.detector": {"values": [str(DETECTORS / "group_lasso.yaml"), str(DETECTORS / "logistic.yaml")]},
+     "loao.top_k": {"values": [2, 0.5]}, "loao.max_iter": {"values": [50]}},
+    # A parameter below the logger (an identity key, and next to the interpolated save_dir): another order.
+    {"trainer.logger.init_args.name": {"values": ["a", "b"]}, "seed_everything": {"values": [3]},
+     "loao.top_k": {"values": [4]}},
+], ids=["detector-top_k-max_iter", "logger-key"])
+def test_each_sweep_run_saves_the_config_that_loao_resolves_from_the_same_arguments(tiny, parser, parameters,
+                                                                                    monkeypatch):
+    from sahs.experiments.records import read_records
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    name = "same-config-" + "-".join(sorted(parameters))[:40].replace(".", "_")
+    path = sweep_file(tiny, name, parameters)
+    main(["sweep", str(path), "--trainer.default_root_dir", str(tiny["root"] / "configs"), "--loao.n_boot=50"])
+    spec, sweep_dir = load_sweep(path), (tiny["root"] / "configs" / "sweeps" / name).resolve()
+    records = read_records(sweep_dir)
+    assert len(records) == math.prod(len(p["values"]) for p in parameters.values())
+    assert all(record.status == "finished" for record in records)
+    for record in records:
+        # What `sahs loao --config C <overrides> <the sweep's identity>` parses, in one full parse, as YAML.
+        argv = [*spec.run_args, "--trainer.default_root_dir", str(tiny["root"] / "configs"), "--loao.n_boot=50",
+                *spec.overrides(record.params), f"--trainer.default_root_dir={sweep_dir}", f"--run.group={name}",
+                "--run.tags=[sweep]", "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
+                f"--trainer.logger.init_args.project={spec.project}", "--trainer.logger.init_args.offline=true",
+                f"--run.name={record.name}"]
+        want = yaml.safe_load(parser.dump(parser.parse_args(argv), skip_none=False))
+        saved = yaml.safe_load((Path(record.dir) / "config.yaml").read_text())
+        assert saved == want, record.name
+        for key, value in record.params.items():  # and each parameter's value is in it
+            node = saved
+            for part in key.split("."):
+                node = node[part]
+            if not str(value).endswith(".yaml"):
+                assert node == value, key
+
+
+def test_a_saved_config_goes_through_json_only_where_it_reads_back_as_yaml_would():
+    from sahs.commands.run_config import _plain_json
+
+    plain = {"a": [1, 2.5, None, True, "1e-3", {"b": "x: y"}], "c": float("inf"), "d": 10**20}
+    assert json.loads(_plain_json(plain)) == yaml.safe_load(yaml.safe_dump(plain))
+    for other in ({1: "integer key"}, {"a": (1, 2)}, {"a": {3}}, {"a": b"bytes"}):  # JSON would change these
+        with pytest.raises(TypeError):
+            _plain_json(other)
 
 
 def test_a_parameter_that_names_no_config_key_fails_before_any_run(tiny, monkeypatch, capsys):

@@ -48,10 +48,11 @@ def main(argv: list[str]) -> None:
     run(argv)
 
 
-def run(argv: list[str], store=None, parser=None, quiet: bool = False) -> LoaoRun:
+def run(argv: list[str], store=None, parser=None, quiet: bool = False, fixed: int = 0) -> LoaoRun:
     """One leave-one-attack-out run in its own folder.
 
-    Runs of a sweep share an ``InputStore`` (one read of the cache) and a ``RunParser`` (one parser).
+    Runs of a sweep share an ``InputStore`` (one read of the cache) and a ``RunParser`` (one parser, which
+    reads the first ``fixed`` arguments, the same in every run, once).
     An error after the run's folder exists carries it as ``error.run_dir``.
     """
     from sahs.commands import runs
@@ -59,7 +60,7 @@ def run(argv: list[str], store=None, parser=None, quiet: bool = False) -> LoaoRu
     from sahs.experiments.inputs import InputStore
 
     parser = parser if parser is not None else RunParser("loao")
-    options, config = parser.parse(argv, keep_logger=True, new_run=True)
+    options, config = parser.parse(argv, keep_logger=True, new_run=True, fixed=fixed)
     try:
         result = _leave_one_attack_out(options, config, store if store is not None else InputStore(every_layer=False),
                                        quiet)

@@ -279,10 +279,19 @@ def _executor(spec, sweep_dir: Path, run_args: list[str], offline: bool, base=No
     identity += [f"--trainer.logger.init_args.entity={spec.entity}"] if spec.entity else []
     identity += ["--trainer.logger.init_args.offline=true"] if offline else []
 
+    # The run's identity goes before its parameters where no parameter sets an identity key (the order of
+    # disjoint keys does not matter), so that the parser reads the run config and identity once per sweep.
+    keys = [arg[2:].split("=", 1)[0] for arg in identity]
+    first = not any(k == p or k.startswith(p + ".") or p.startswith(k + ".")
+                    for k in keys for p in (q.name for q in spec.parameters))
+
     def execute(params: dict, name: str) -> RunOutcome:
-        argv = [*run_args, *spec.overrides(params), *identity, f"--run.name={name}"]
+        overrides = spec.overrides(params)
+        argv = [*run_args, *identity, *overrides] if first else [*run_args, *overrides, *identity]
+        argv.append(f"--run.name={name}")
         try:
-            result = loao.run(argv, store=store, parser=parser, quiet=True)
+            result = loao.run(argv, store=store, parser=parser, quiet=True,
+                              fixed=len(run_args) + (len(identity) if first else 0))
         except (ArgumentError, SystemExit) as error:  # the run config rejected this run's values
             raise RunFailed(f"the run config rejected this run: {_config_error(error)}") from error
         return RunOutcome(result.dir, result.metrics, detector_label(result.config))
