@@ -146,7 +146,7 @@ class RunParser:
     def _parse_args(self, args: list[str], fixed: int) -> Any:
         """``parser.parse_args(args)``, reading ``args[:fixed]`` once per parser (the same result, in less time)."""
         parser = self._parser
-        if not 0 < fixed < len(args) or not args[fixed].startswith("--") or not hasattr(parser, "_parse_common"):
+        if not 0 < fixed < len(args) or not args[fixed].startswith("--") or not _can_read_once(parser):
             return parser.parse_args(args)
         head = tuple(args[:fixed])
         if self._fixed is None or self._fixed.head != head:
@@ -197,6 +197,17 @@ class RunParser:
         if run.dir is not None:
             run.save_config()
         return run
+
+
+def _can_read_once(parser) -> bool:
+    """Whether this jsonargparse has the steps of ``parse_args`` that ``FixedArgs`` calls one by one (they are
+    not public API: another version falls back to ``parse_args``, which gives the same config)."""
+    try:
+        from jsonargparse._subcommands import parse_kwargs_context  # noqa: F401
+    except ImportError:
+        return False
+    steps = ("_parse_common", "_parse_defaults_and_environ", "_parse_known_args_internal", "_positional_optionals")
+    return all(callable(getattr(parser, step, None)) for step in steps)
 
 
 _REFERENCE = re.compile(r"\$\{([^}]*)\}")
