@@ -140,6 +140,19 @@ def test_a_run_whose_scores_change_is_compared_again(sweep, tmp_path) -> None:
     assert rows["bad"]["vs_best"] == "best" and float(rows["good"]["diff_ci_high"]) < 0
 
 
+def test_sahs_sweep_report_prints_the_best_run_and_those_it_cannot_tell_apart(sweep, tmp_path, capsys) -> None:
+    from sahs.commands.sweep import report
+
+    sweep_dir, means, _ = sweep
+    (sweep_dir / "sweep.yaml").write_text(sweep_spec(tmp_path).path.read_text())
+    report([str(sweep_dir)])
+    printed = capsys.readouterr().out
+    best = max(means, key=means.get)
+    tie = "twin" if best == "good" else "good"
+    assert f"[sahs] best: {best}  loao/auroc_mean={means[best]:.4f}" in printed
+    assert f"not distinguishable from it (paired bootstrap, 95%): {tie}\n" in printed
+
+
 def test_a_report_from_the_folders_keeps_working_from_the_records(sweep, tmp_path) -> None:
     sweep_dir, means, _ = sweep
     spec = sweep_spec(tmp_path)

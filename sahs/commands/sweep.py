@@ -313,15 +313,30 @@ def _create_on_wandb(spec) -> str:
 
 
 def _finish(spec, sweep_dir: Path, records, offline: bool) -> None:
-    from sahs.experiments.report import SUMMARY_MD, best_row, log_summary, summary_rows
+    from sahs.experiments.report import SUMMARY_MD, log_summary
 
     log_summary(sweep_dir, spec, offline=offline)
-    rows = summary_rows(sweep_dir, spec.metric)
-    best = best_row(rows, spec.metric, spec.goal)
     failed = sum(record.status == "failed" for record in records)
     print(f"[sahs] sweep {spec.name}: {len(records)} runs ({failed} failed); summary: {sweep_dir / SUMMARY_MD}")
-    if best is not None:
-        print(f"[sahs] best: {best['run']}  {spec.metric}={best[spec.metric]:.4f}  ({best['dir']})")
+    _say_best(sweep_dir, spec.metric)
+
+
+def _say_best(sweep_dir: Path, metric: str) -> None:
+    """The best run of the summary just written and the runs its paired comparison cannot tell from it."""
+    import csv
+
+    from sahs.experiments.report import SUMMARY_CSV
+
+    if not (sweep_dir / SUMMARY_CSV).is_file():
+        return
+    with open(sweep_dir / SUMMARY_CSV, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    best = next((row for row in rows if row.get("vs_best") == "best"), None)
+    if best is None:
+        return
+    tied = [row["run"] for row in rows if row.get("vs_best") == "not distinguishable"]
+    print(f"[sahs] best: {best['run']}  {metric}={float(best[metric]):.4f}  ({best.get('dir')})")
+    print(f"[sahs] not distinguishable from it (paired bootstrap, 95%): {', '.join(tied) if tied else 'none'}")
 
 
 def report(argv: list[str]) -> None:
@@ -363,3 +378,4 @@ def report(argv: list[str]) -> None:
     spec = replace(load_sweep(sweep_dir / DEFINITION), name=name)  # a --name sweep keeps its name
     written = write_summary(sweep_dir, spec, from_folders=True, records=records)
     print("[sahs] wrote " + ", ".join(str(path) for path in written))
+    _say_best(sweep_dir, spec.metric)
