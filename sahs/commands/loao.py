@@ -28,6 +28,12 @@ class Options:
     level: float = 0.95
     repeats: int = 1
 
+    def __post_init__(self) -> None:
+        # A whole number is a count however it was written (a sweep's 8 can reach the parser as 8.0):
+        # only a fraction in (0, 1) selects a share of the heads.
+        if isinstance(self.top_k, float) and self.top_k >= 1 and self.top_k.is_integer():
+            self.top_k = int(self.top_k)
+
 
 @dataclass
 class LoaoRun:

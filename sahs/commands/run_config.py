@@ -141,7 +141,12 @@ class RunParser:
             checks.check_run(config, init, self.verb,
                              ("loao.top_k", config.get("loao.top_k")) if self.verb == "loao" else None)
             run_dir = runs.place_run(config, init["trainer"], self.verb, args) if new_run else None
-        return self._options(config, init), self._run(config, init, run_dir, args)
+        options, run = self._options(config, init), self._run(config, init, run_dir, args)
+        section = run.config.get(self.verb) if options is not None else None
+        for key, value in (section or {}).items():  # a whole number the options took as a count (8.0 -> 8)
+            if type(value) is float and type(getattr(options, key, None)) is int:
+                section[key] = getattr(options, key)  # is what the loggers record
+        return options, run
 
     def _parse_args(self, args: list[str], fixed: int) -> Any:
         """``parser.parse_args(args)``, reading ``args[:fixed]`` once per parser (the same result, in less time)."""
