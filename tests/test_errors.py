@@ -69,6 +69,18 @@ def test_an_empty_prompt_set(tmp_path, capsys):
         ensure_cache(tmp_path / "cache", ModelConfig(), make_dataset([]), ExtractionSettings(), progress=False)
 
 
+@pytest.mark.parametrize("override, named", [
+    ("--data.top_k=1000", "data.top_k is 1000 but there are"),
+    ("--data.heads=[[0, 99]]", "data.heads names [[0, 99]], not in the cache"),
+])
+def test_a_selection_the_new_cache_cannot_give_is_one_line_after_the_first_extraction(tmp_path, capsys, override,
+                                                                                       named):
+    config = extraction_config(tmp_path)  # no cache yet: the layout is known only once the run has extracted
+    line = one_line_error(["fit", "--config", str(config), override, "--trainer.max_epochs=1"], capsys)
+    assert named in line and f"the cache at {tmp_path / 'cache'} holds layers" in line
+    assert (tmp_path / "cache" / "manifest.json").is_file()  # the extraction it paid for is kept
+
+
 def test_empty_extraction_layers(tmp_path, capsys):
     config = extraction_config(tmp_path, extraction={"layers": []})
     assert "extraction.layers is empty" in one_line_error(["extract", "--config", str(config)], capsys)

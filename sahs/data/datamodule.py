@@ -118,9 +118,21 @@ class ActivationDataModule(L.LightningDataModule):
         hp = self.hparams
         if self.adopted is not None:
             return list(self.adopted.heads)
-        if hp.heads is not None:
+        num_heads, cached = cache.layout["num_heads"], list(cache.layers)
+        holds = f"the cache at {self.cache_dir} holds layers {cached}, {num_heads} heads each"
+        if hp.heads is not None:  # checked here too: a first run learns the layout only once it has extracted
+            bad = [list(pair) for pair in hp.heads if pair[0] not in cached or not 0 <= pair[1] < num_heads]
+            if bad:
+                raise DataConfigError(f"data.heads names {bad[:3]}, not in the cache ({holds}): pick [layer, head] "
+                                      "pairs among them")
             return [tuple(pair) for pair in hp.heads]
         layers = self.candidate_layers(cache)
+        missing = [layer for layer in layers if layer not in cached]
+        if missing:
+            raise DataConfigError(f"data.layers names layers {missing} that are not in the cache ({holds})")
+        if hp.top_k is not None and hp.top_k > len(layers) * num_heads:
+            raise DataConfigError(f"data.top_k is {hp.top_k} but there are {len(layers) * num_heads} heads to choose "
+                                  f"from ({holds}): set data.top_k to at most {len(layers) * num_heads}")
         if hp.top_k is None:
             return [(layer, head) for layer in layers for head in range(cache.layout["num_heads"])]
         # Heads are ranked on the training split only: validation and test never choose them. The
