@@ -88,8 +88,8 @@ def check_heads(layout: dict[str, Any], where: str, heads: list | None, layers: 
     candidates = len(cached if layers is None else layers) * num_heads
     if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > candidates:
         among = "" if layers is None else f" of data.layers {list(layers)}"
-        raise SettingsError(f"{top_k_key} is {top_k} but there are {candidates} heads{among} to choose from "
-                            f"({holds}): set {top_k_key} to at most {candidates}")
+        raise SettingsError(f"{top_k_key} must be in [1, {candidates}], got {top_k}: there are {candidates} "
+                            f"heads{among} to choose from ({holds})")
 
 
 def check_wandb(loggers: Any) -> None:
