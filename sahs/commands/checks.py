@@ -115,6 +115,7 @@ def check_wandb(loggers: Any) -> None:
     except TypeError:  # an older wandb without ``prompt``: its own error comes when the run starts
         return
     if not logged_in:
+        wandb.teardown()  # the check read wandb's settings into its process-wide state: leave none behind
         raise SettingsError("trainer.logger is a WandbLogger but W&B has no login: run `wandb login` (or set "
                             "WANDB_API_KEY), or log offline with WANDB_MODE=offline or --trainer.logger.offline true")
 
