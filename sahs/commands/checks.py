@@ -7,6 +7,7 @@ a W&B logger without a login.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -60,12 +61,15 @@ def check_checkpoint(ckpt_path: Any) -> None:
 
 
 def cache_layout(cache_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The head layout of a finished cache (``layers``, ``num_heads``), or None when there is none yet."""
-    from sahs.data.cache import load_manifest
+    """The head layout of a finished cache (``layers``, ``num_heads``), or None when there is none yet.
 
-    if not (Path(cache_dir) / "manifest.json").exists():
+    Only read, not verified: a damaged cache is reported (and repaired) by the cache's own checks.
+    """
+    try:
+        layout = json.loads((Path(cache_dir) / "manifest.json").read_text())["layout"]
+        return {"layers": [int(layer) for layer in layout["layers"]], "num_heads": int(layout["num_heads"])}
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return load_manifest(Path(cache_dir))["layout"]
 
 
 def _pairs(heads: Iterable) -> str:
