@@ -250,3 +250,14 @@ def lonely_config(root: Path) -> Path:
     write_cache(root / "lonely" / "cache", features, labels, attacks)
     return write_config(root / "lonely" / "run.yaml", data={"cache_dir": str(root / "lonely" / "cache")},
                         trainer={"default_root_dir": str(root / "lonely"), "logger": False}, loao={"top_k": 4})
+
+
+@pytest.mark.parametrize("override, key", [("--data.layers=[0, 1]", "data.layers"), ("--data.heads=[[1, 0]]", "data.heads")])
+def test_layers_the_extraction_leaves_out_are_refused_before_it_runs(tmp_path, capsys, monkeypatch, override, key):
+    from sahs.callbacks import extraction
+
+    monkeypatch.setattr(extraction, "ensure_cache", lambda *args, **kwargs: pytest.fail("extraction started"))
+    config = extraction_config(tmp_path, extraction={"layers": [0]})
+    line = one_line_error(["fit", "--config", str(config), override], capsys)
+    assert f"{key} names layers [1] that the extraction does not keep (extraction.layers [0])" in line
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("*/*"))

@@ -129,6 +129,19 @@ def _extraction_rebuilds(callbacks: Iterable[Any]) -> bool:
                for c in callbacks or [])
 
 
+def _check_extracted_layers(callbacks: Iterable[Any], heads: list | None, layers: list | None) -> None:
+    """Before a first extraction: heads or layers of model layers that ``extraction.layers`` leaves out."""
+    extraction = next((c for c in callbacks or [] if type(c).__name__ == "ActivationExtraction"), None)
+    kept = getattr(getattr(extraction, "extraction", None), "layers", None)
+    if not kept:
+        return
+    wanted = {int(layer) for layer in layers or []} | {int(layer) for layer, _ in heads or []}
+    if missing := sorted(wanted - {int(layer) for layer in kept}):
+        key = "data.heads" if heads is not None else "data.layers"
+        raise SettingsError(f"{key} names layers {missing} that the extraction does not keep "
+                            f"(extraction.layers {list(kept)}): add them there or choose among those")
+
+
 def check_run(config: Any, init: Any, verb: str | None, extra_top_k: tuple[str, Any] | None = None) -> None:
     """Every check of a parsed run config (``config``) and its instantiated classes (``init``).
 
@@ -146,9 +159,10 @@ def check_run(config: Any, init: Any, verb: str | None, extra_top_k: tuple[str, 
     if datamodule.adopted is not None or _extraction_rebuilds(init["trainer"].get("callbacks")):
         return  # the checkpoint fixes the heads / the cache may be rebuilt with another layout
     layout = cache_layout(datamodule.cache_dir)
-    if layout is None:
-        return
     hp = datamodule.hparams
+    if layout is None:
+        _check_extracted_layers(init["trainer"].get("callbacks"), hp.heads, hp.layers)
+        return
     check_heads(layout, str(datamodule.cache_dir), hp.heads, hp.layers, hp.top_k)
     if extra_top_k is not None and extra_top_k[1] is not None:
         top_k = extra_top_k[1]
