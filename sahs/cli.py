@@ -1,4 +1,4 @@
-"""The ``sahs`` command: LightningCLI for fit/validate/test/predict, plus the project's own verbs."""
+"""LightningCLI for ``sahs fit|validate|test|predict`` (the entry point, ``sahs.__main__``, dispatches every verb)."""
 
 from __future__ import annotations
 

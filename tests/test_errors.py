@@ -156,7 +156,7 @@ def test_a_bug_keeps_its_traceback(synthetic_run, monkeypatch):
 
 
 @pytest.mark.parametrize("top_k, named", [("0", "a fractional top_k must be in (0, 1]"),
-                                          ("999", "loao.top_k is 999 but there are 12 heads to choose from")])
+                                          ("999", "loao.top_k must be in [1, 12], got 999: there are 12 heads to choose")])
 def test_a_loao_head_count_that_cannot_work(synthetic_run, capsys, top_k, named):
     assert named in one_line_error(["loao", "--config", str(synthetic_run), "--top_k", top_k], capsys)
     assert not (synthetic_run.parent / "run" / "loao").exists() or not any((synthetic_run.parent / "run" / "loao").iterdir())
@@ -176,8 +176,8 @@ def no_cache_read(monkeypatch):
 
 
 @pytest.mark.parametrize("override, named", [
-    (["--data.top_k=100"], "data.top_k is 100 but there are 12 heads to choose from"),
-    (["--data.layers=[1, 2]", "--data.top_k=9"], "data.top_k is 9 but there are 8 heads of data.layers [1, 2]"),
+    (["--data.top_k=100"], "data.top_k must be in [1, 12], got 100: there are 12 heads to choose"),
+    (["--data.layers=[1, 2]", "--data.top_k=9"], "data.top_k must be in [1, 8], got 9: there are 8 heads of data.layers [1, 2]"),
     (["--data.heads=[[3, 9]]"], "data.heads [[3, 9]] are not in the cache"),
     (["--data.heads=[[0, 4], [1, 1]]"], "data.heads [[0, 4]] are not in the cache"),
     (["--data.layers=[1, 5]"], "data.layers [5] are not in the cache"),
@@ -262,3 +262,14 @@ def lonely_config(root: Path) -> Path:
     write_cache(root / "lonely" / "cache", features, labels, attacks)
     return write_config(root / "lonely" / "run.yaml", data={"cache_dir": str(root / "lonely" / "cache")},
                         trainer={"default_root_dir": str(root / "lonely"), "logger": False}, loao={"top_k": 4})
+
+
+@pytest.mark.parametrize("override, key", [("--data.layers=[0, 1]", "data.layers"), ("--data.heads=[[1, 0]]", "data.heads")])
+def test_layers_the_extraction_leaves_out_are_refused_before_it_runs(tmp_path, capsys, monkeypatch, override, key):
+    from sahs.callbacks import extraction
+
+    monkeypatch.setattr(extraction, "ensure_cache", lambda *args, **kwargs: pytest.fail("extraction started"))
+    config = extraction_config(tmp_path, extraction={"layers": [0]})
+    line = one_line_error(["fit", "--config", str(config), override], capsys)
+    assert f"{key} names layers [1] that the extraction does not keep (extraction.layers [0])" in line
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("*/*"))

@@ -7,6 +7,7 @@ a W&B logger without a login.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -60,12 +61,15 @@ def check_checkpoint(ckpt_path: Any) -> None:
 
 
 def cache_layout(cache_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The head layout of a finished cache (``layers``, ``num_heads``), or None when there is none yet."""
-    from sahs.data.cache import load_manifest
+    """The head layout of a finished cache (``layers``, ``num_heads``), or None when there is none yet.
 
-    if not (Path(cache_dir) / "manifest.json").exists():
+    Only read, not verified: a damaged cache is reported (and repaired) by the cache's own checks.
+    """
+    try:
+        layout = json.loads((Path(cache_dir) / "manifest.json").read_text())["layout"]
+        return {"layers": [int(layer) for layer in layout["layers"]], "num_heads": int(layout["num_heads"])}
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return load_manifest(Path(cache_dir))["layout"]
 
 
 def _pairs(heads: Iterable) -> str:
@@ -88,8 +92,8 @@ def check_heads(layout: dict[str, Any], where: str, heads: list | None, layers: 
     candidates = len(cached if layers is None else layers) * num_heads
     if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > candidates:
         among = "" if layers is None else f" of data.layers {list(layers)}"
-        raise SettingsError(f"{top_k_key} is {top_k} but there are {candidates} heads{among} to choose from "
-                            f"({holds}): set {top_k_key} to at most {candidates}")
+        raise SettingsError(f"{top_k_key} must be in [1, {candidates}], got {top_k}: there are {candidates} "
+                            f"heads{among} to choose from ({holds})")
 
 
 def check_wandb(loggers: Any) -> None:
@@ -115,7 +119,7 @@ def check_wandb(loggers: Any) -> None:
     except TypeError:  # an older wandb without ``prompt``: its own error comes when the run starts
         return
     if not logged_in:
-        wandb.teardown()  # the login check set W&B up online in this process; a later run must start afresh
+        wandb.teardown()  # the check read wandb's settings into its process-wide state: leave none behind
         raise SettingsError("trainer.logger is a WandbLogger but W&B has no login: run `wandb login` (or set "
                             "WANDB_API_KEY), or log offline with WANDB_MODE=offline or --trainer.logger.offline true")
 
@@ -123,6 +127,19 @@ def check_wandb(loggers: Any) -> None:
 def _extraction_rebuilds(callbacks: Iterable[Any]) -> bool:
     return any(type(c).__name__ == "ActivationExtraction" and getattr(c, "on_mismatch", None) == "rebuild"
                for c in callbacks or [])
+
+
+def _check_extracted_layers(callbacks: Iterable[Any], heads: list | None, layers: list | None) -> None:
+    """Before a first extraction: heads or layers of model layers that ``extraction.layers`` leaves out."""
+    extraction = next((c for c in callbacks or [] if type(c).__name__ == "ActivationExtraction"), None)
+    kept = getattr(getattr(extraction, "extraction", None), "layers", None)
+    if not kept:
+        return
+    wanted = {int(layer) for layer in layers or []} | {int(layer) for layer, _ in heads or []}
+    if missing := sorted(wanted - {int(layer) for layer in kept}):
+        key = "data.heads" if heads is not None else "data.layers"
+        raise SettingsError(f"{key} names layers {missing} that the extraction does not keep "
+                            f"(extraction.layers {list(kept)}): add them there or choose among those")
 
 
 def check_run(config: Any, init: Any, verb: str | None, extra_top_k: tuple[str, Any] | None = None) -> None:
@@ -142,9 +159,10 @@ def check_run(config: Any, init: Any, verb: str | None, extra_top_k: tuple[str, 
     if datamodule.adopted is not None or _extraction_rebuilds(init["trainer"].get("callbacks")):
         return  # the checkpoint fixes the heads / the cache may be rebuilt with another layout
     layout = cache_layout(datamodule.cache_dir)
-    if layout is None:
-        return
     hp = datamodule.hparams
+    if layout is None:
+        _check_extracted_layers(init["trainer"].get("callbacks"), hp.heads, hp.layers)
+        return
     check_heads(layout, str(datamodule.cache_dir), hp.heads, hp.layers, hp.top_k)
     if extra_top_k is not None and extra_top_k[1] is not None:
         top_k = extra_top_k[1]
