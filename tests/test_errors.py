@@ -70,7 +70,7 @@ def test_an_empty_prompt_set(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, named", [
-    ("--data.top_k=1000", "data.top_k is 1000 but there are"),
+    ("--data.top_k=1000", "data.top_k must be in [1, "),
     ("--data.heads=[[0, 99]]", "data.heads names [[0, 99]], not in the cache"),
 ])
 def test_a_selection_the_new_cache_cannot_give_is_one_line_after_the_first_extraction(tmp_path, capsys, override,

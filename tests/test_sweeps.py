@@ -141,7 +141,7 @@ def test_offline_grid_sweep_records_every_run_and_its_best_row_is_what_the_run_l
         (d, str(k)) for d in detectors for k in (1, 4, 100))  # one row per run, each grid point once
     failed = [row for row in rows if row["status"] == "failed"]
     assert sorted(row["loao.top_k"] for row in failed) == ["100", "100"]
-    assert all("loao.top_k is 100 but there are 12 heads" in row["error"] for row in failed)  # recorded with its error
+    assert all("loao.top_k must be in [1, 12], got 100" in row["error"] for row in failed)  # recorded with its error
     assert (sweep_dir / "auroc_vs_heads.png").stat().st_size > 0 and (sweep_dir / "summary.md").is_file()
 
     best = max((row for row in rows if row["status"] == "finished"), key=lambda row: float(row["loao/auroc_mean"]))

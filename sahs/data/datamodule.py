@@ -131,8 +131,9 @@ class ActivationDataModule(L.LightningDataModule):
         if missing:
             raise DataConfigError(f"data.layers names layers {missing} that are not in the cache ({holds})")
         if hp.top_k is not None and hp.top_k > len(layers) * num_heads:
-            raise DataConfigError(f"data.top_k is {hp.top_k} but there are {len(layers) * num_heads} heads to choose "
-                                  f"from ({holds}): set data.top_k to at most {len(layers) * num_heads}")
+            candidates = len(layers) * num_heads
+            raise DataConfigError(f"data.top_k must be in [1, {candidates}], got {hp.top_k}: there are {candidates} "
+                                  f"heads to choose from ({holds})")
         if hp.top_k is None:
             return [(layer, head) for layer in layers for head in range(cache.layout["num_heads"])]
         # Heads are ranked on the training split only: validation and test never choose them. The
