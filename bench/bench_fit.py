@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_training import FAMILIES, HEAD_DIM, HEADS, LAYERS  # noqa: E402
+from bench_training import FAMILIES, HEAD_DIM, HEADS, LAYERS, write_seven_b_cache  # noqa: E402
 
 SIGNAL_SEED = 1234  # one set of signal directions for every slice of the cache
 
@@ -63,21 +63,8 @@ def timed(work):
 
 def write_cache(root: Path, n: int) -> None:
     """``n`` prompts of 7B-shaped float16 activations, in slices (never the whole cache in memory)."""
-    from sahs.data import cache as cache_io
-
-    if (root / "manifest.json").exists():
-        return
-    cache_io.prepare_folder(root, {"bench": "seven_b", "n": n}, rebuild=False)
-    layout = {"num_layers": LAYERS, "num_heads": HEADS, "head_dim": HEAD_DIM, "layers": list(range(LAYERS))}
-    writer = cache_io.ShardWriter(root, layout, shard_size=512)
-    records = []
-    for start in range(0, n, 1000):
-        features, labels, attacks = seven_b_slice(min(1000, n - start), seed=start)
-        ids = [f"p{start + i}" for i in range(len(labels))]
-        writer.add(ids, features)
-        records += [{"id": i, "label": int(y), "attack": str(a)} for i, y, a in zip(ids, labels.tolist(), attacks)]
-    writer.close()
-    cache_io.write_manifest(root, records)
+    if not (root / "manifest.json").exists():
+        write_seven_b_cache(root, n, seven_b_slice, shard_size=512)
 
 
 def run_config(cache: Path, out: Path, top_k: int, features: int) -> Path:

@@ -359,22 +359,28 @@ print(json.dumps(dict(baseline=baseline, after_read=after_read, peak=hwm(), feat
 """
 
 
-def bench_memory(n: int) -> dict[str, float]:
+def write_seven_b_cache(root: Path, n: int, make_slice: Callable, shard_size: int) -> None:
+    """A 7B-shaped cache of ``n`` prompts, written in slices of 1,000 from ``make_slice(n, seed)`` (features,
+    labels, attacks): the writer never holds the whole cache."""
     from sahs.data import cache as cache_io
 
+    cache_io.prepare_folder(root, {"bench": "seven_b", "n": n}, rebuild=False)
+    layout = {"num_layers": LAYERS, "num_heads": HEADS, "head_dim": HEAD_DIM, "layers": list(range(LAYERS))}
+    writer = cache_io.ShardWriter(root, layout, shard_size=shard_size)
+    records = []
+    for start in range(0, n, 1000):
+        features, labels, attacks = make_slice(min(1000, n - start), seed=start)
+        ids = [f"p{start + i}" for i in range(len(labels))]
+        writer.add(ids, features)
+        records += [{"id": i, "label": int(y), "attack": str(a)} for i, y, a in zip(ids, labels.tolist(), attacks)]
+    writer.close()
+    cache_io.write_manifest(root, records)
+
+
+def bench_memory(n: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "cache"
-        cache_io.prepare_folder(root, {"bench": "seven_b", "n": n}, rebuild=False)
-        layout = {"num_layers": LAYERS, "num_heads": HEADS, "head_dim": HEAD_DIM, "layers": list(range(LAYERS))}
-        writer = cache_io.ShardWriter(root, layout, shard_size=256)
-        records = []
-        for start in range(0, n, 1000):  # written in slices: the parent never holds the whole cache
-            features, labels, attacks = seven_b_cache(min(1000, n - start), seed=start)
-            ids = [f"p{start + i}" for i in range(len(labels))]
-            writer.add(ids, features)
-            records += [{"id": i, "label": int(y), "attack": str(a)} for i, y, a in zip(ids, labels.tolist(), attacks)]
-        writer.close()
-        cache_io.write_manifest(root, records)
+        write_seven_b_cache(root, n, seven_b_cache, shard_size=256)
         _, wall, run = _timed(lambda: subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(root)], check=True,
                                                      capture_output=True, text=True))
         figures = json.loads(run.stdout.strip().splitlines()[-1])
