@@ -9,8 +9,9 @@ On the demo cache (built with `sahs extract --config configs/demo.yaml` when mis
   sweep's loop (what `sahs sweep` runs: Optuna, one run folder, config, W&B offline run, record), and the
   direct calls again (after); runs per minute and the runner's cost per run, wall and CPU of this process;
 - **workers**: `sahs sweep --workers N` (real processes, each reading the cache once) with N = 1 and 2
-  on a larger grid; runs/min over the time all workers were running (from the records' start and end
-  times: process start-up and the cache read are left out, they are paid once per worker);
+  on a larger grid; runs/min over the time all workers were running warm (from the records' start and
+  end times: process start-up and each worker's first run, which reads the cache, are left out, they are
+  paid once per worker; the command's wall time in all is printed beside it);
 - **storages**: the sweep loop with a run that does nothing, on SQLite (the default), a journal file and
   PostgreSQL (a throwaway server, when the `postgresql` package is installed): the storage's cost per run.
 """
@@ -18,6 +19,7 @@ On the demo cache (built with `sahs extract --config configs/demo.yaml` when mis
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import subprocess
@@ -97,15 +99,15 @@ def sweep_times(cache: str, folder: Path) -> tuple[float, float, int, float]:
     return wall, cpu, len(records) - len(DETECTORS), warm
 
 
-def worker_rate(cache: str, folder: Path, workers: int) -> tuple[float, int, float, float]:
+def worker_rate(cache: str, folder: Path, workers: int, storage: str | None = None) -> tuple[float, int, float, float]:
     """``sahs sweep --workers N`` on a 40-point grid.
 
-    Returns runs/min while all workers ran, the runs counted, the command's wall seconds, and the CPU
+    Returns runs/min while all workers ran warm, the runs counted, the command's wall seconds, and the CPU
     seconds per run of the workers (what a free core per worker would turn into runs/min).
     """
     from sahs.experiments.records import read_records
 
-    spec = {"name": f"w{workers}", "program": "sahs", "method": "grid", "project": "sahs-bench",
+    spec = {"name": f"w{workers}-{folder.name}", "program": "sahs", "method": "grid", "project": "sahs-bench",
             "metric": {"name": "loao/auroc_mean", "goal": "maximize"},
             "parameters": {"model.detector": {"values": [f"configs/detector/{name}.yaml" for name in DETECTORS]},
                            "loao.top_k": {"values": TOP_K}, "loao.max_iter": {"values": [100, 200, 300, 1000]}},
@@ -115,16 +117,18 @@ def worker_rate(cache: str, folder: Path, workers: int) -> tuple[float, int, flo
     env = {**os.environ, "OMP_NUM_THREADS": str(workers)}  # split between the workers: one thread each
     wall = time.perf_counter()
     subprocess.run([sys.executable, "-m", "sahs.cli", "sweep", str(path), "--offline", "--workers", str(workers),
-                    f"--data.cache_dir={cache}", f"--trainer.default_root_dir={folder}"], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
+                    f"--data.cache_dir={cache}", f"--trainer.default_root_dir={folder}",
+                    *(["--storage", storage] if storage else [])], check=True, env=env, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - wall
-    records = read_records(folder / "sweeps" / f"w{workers}")
+    records = read_records(folder / "sweeps" / spec["name"])
     assert all(record.status == "finished" for record in records), [record.error for record in records]
     by_pid: dict[int, list] = {}
-    for record in records:
+    for record in sorted(records, key=lambda record: record.started):
         by_pid.setdefault(record.pid, []).append(record)
-    begin = max(min(r.started for r in rs) for rs in by_pid.values())  # every worker is running from here
-    end = min(max(r.finished for r in rs) for rs in by_pid.values())  # ... to here
+    # A worker's first run is its warm-up (the cache's fingerprint and read, the run config's parser: 1.5 s
+    # on the demo cache, ten runs' worth), paid once per worker: the window starts when every worker is past it.
+    begin = max(rs[1].started for rs in by_pid.values())  # every worker is warm and running from here
+    end = min(rs[-1].finished for rs in by_pid.values())  # ... to here
     inside = [r for r in records if r.started >= begin and r.finished <= end]
     cpu = sum(r.cpu for r in inside) / len(inside)
     return 60 * len(inside) / (end - begin), len(inside), wall, cpu
@@ -140,35 +144,45 @@ def storage_costs(folder: Path, runs: int = 40) -> dict[str, float]:
     path = folder / "noop.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     spec = load_sweep(path)
-    storages = {"sqlite (default)": None, "journal": f"journal:{folder / 'noop.journal'}"}
-    server = None
-    try:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from postgres_server import Server
-
-        server = Server()
-        storages["postgresql"] = server.url()
-    except BaseException as error:  # noqa: BLE001 - no server here: the other storages are still measured
-        print(f"(no PostgreSQL: {str(error).splitlines()[0] if str(error) else type(error).__name__})")
     costs = {}
-    try:
-        for label, storage in storages.items():
+    with storages(folder, "noop") as urls:
+        for label, storage in urls.items():
             sweep_dir = folder / f"noop-{label.split()[0]}"
             execute = lambda params, name: RunOutcome(sweep_dir, {"m": 1.0})  # noqa: E731
             run_local(spec, sweep_dir, execute, count=1, storage=storage, say=lambda line: None)  # setup, warm-up
             wall = time.perf_counter()
             run_local(spec, sweep_dir, execute, storage=storage, say=lambda line: None)
             costs[label] = (time.perf_counter() - wall) / (runs - 1)
+    return costs
+
+
+@contextlib.contextmanager
+def storages(folder: Path, name: str):
+    """``{label: --storage value}``: SQLite (the default), a journal file, and a throwaway PostgreSQL server
+    (started as the tests start it) when the ``postgresql`` package is installed."""
+    urls = {"sqlite (default)": None, "journal": f"journal:{folder / (name + '.journal')}"}
+    server = None
+    try:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from postgres_server import Server
+
+        server = Server()
+        urls["postgresql"] = server.url()
+    except BaseException as error:  # noqa: BLE001 - no server here: the other storages are still measured
+        print(f"(no PostgreSQL: {str(error).splitlines()[0] if str(error) else type(error).__name__})")
+    try:
+        yield urls
     finally:
         if server is not None:
             server.stop()
-    return costs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default=str(ROOT / "outputs" / "cache" / "demo"))
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: runner, workers, storages")
+    parser.add_argument("--worker-storages", default="sqlite", help="comma-separated storages the workers are "
+                        "measured on: sqlite (the default), journal, postgresql")
     args = parser.parse_args()
     skip = set(args.skip.split(","))
     os.chdir(ROOT)
@@ -195,14 +209,20 @@ def main() -> None:
         print(f"runner cost per run: {(swept[0] - direct_wall) / n:.2f} s wall, {(swept[1] - direct_cpu) / n:.2f} s "
               f"CPU of this process (sweep / direct: {swept[0] / direct_wall:.2f} wall, {swept[1] / direct_cpu:.2f} CPU)")
     if "workers" not in skip:
-        rates = []
-        for workers in (1, 2, 1):  # one worker before and after: the machine's load moves in between
-            with tempfile.TemporaryDirectory() as folder:
-                rate, counted, wall, cpu = worker_rate(args.cache, Path(folder), workers)
-            rates.append(rate)
-            print(f"--workers {workers}: {rate:5.1f} runs/min while all ran ({counted} runs); {cpu:.2f} s CPU per "
-                  f"run in a worker; {wall:.0f} s in all (load average {os.getloadavg()[0]:.1f})")
-        print(f"2 workers / 1 worker: {2 * rates[1] / (rates[0] + rates[2]):.2f}x runs/min (target >= 1.6x on 2 cores)")
+        with tempfile.TemporaryDirectory() as shared, storages(Path(shared), "workers") as urls:
+            for label, storage in urls.items():
+                if label.split()[0] not in args.worker_storages.split(","):
+                    continue
+                rates = []
+                for workers in (1, 2, 1):  # one worker before and after: the machine's load moves in between
+                    with tempfile.TemporaryDirectory() as folder:
+                        rate, counted, wall, cpu = worker_rate(args.cache, Path(folder), workers, storage)
+                    rates.append(rate)
+                    print(f"{label}, --workers {workers}: {rate:5.1f} runs/min while all ran warm ({counted} runs); "
+                          f"{cpu:.2f} s CPU per run in a worker; {wall:.0f} s in all (load average "
+                          f"{os.getloadavg()[0]:.1f})")
+                print(f"{label}, 2 workers / 1 worker: {2 * rates[1] / (rates[0] + rates[2]):.2f}x runs/min "
+                      "(target >= 1.6x on 2 cores)")
     if "storages" not in skip:
         with tempfile.TemporaryDirectory() as folder:
             for label, cost in storage_costs(Path(folder)).items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,20 @@ def test_the_summary_names_the_best_run_and_each_run_s_paired_difference_to_it(s
     markdown = (sweep_dir / "summary.md").read_text()
     assert f"Best: `{best}` with loao/auroc_mean = {means[best]:.4f} [" in markdown
     assert f"Not distinguishable from the best: `{tie}`." in markdown
+
+
+def test_a_sweep_of_runs_without_a_loao_mean_is_summarized_by_its_own_metric(tmp_path) -> None:
+    """`sahs fit` sweeps log `val/auroc`, no LOAO mean: the best run is named by the metric it was chosen on."""
+    spec = sweep_spec(tmp_path)
+    spec = replace(spec, metric="val/auroc")
+    sweep_dir = tmp_path / "fit-sweep"
+    for number, value in enumerate((0.71, 0.83)):
+        RunRecord(f"fit-{number}", number, {"loao.top_k": 4}, status="finished", dir=str(tmp_path),
+                  metrics={"val/auroc": value}, value=value, started=float(number)).save(sweep_dir)
+    write_summary(sweep_dir, spec, plot=False)
+    rows = read_rows(sweep_dir / "summary.csv")
+    assert rows["fit-1"]["vs_best"] == "best" and float(rows["fit-0"]["val/auroc"]) == 0.71
+    assert "Best: `fit-1` with val/auroc = 0.8300 (" in (sweep_dir / "summary.md").read_text()
 
 
 def test_a_run_whose_scores_change_is_compared_again(sweep, tmp_path) -> None:

@@ -275,7 +275,7 @@ class LocalSweep:
 
         While other workers still run points (which may come back if their worker is lost), wait for them.
         """
-        waited = False
+        waited, pause = False, 0.1
         while True:
             trials = self.study.get_trials(deepcopy=False)
             dead = self._dead(trials)
@@ -291,7 +291,9 @@ class LocalSweep:
                 if not waited:
                     say(f"[sahs] sweep {self.spec.name}: waiting for {kinds.count('running')} run(s) of other workers")
                     waited = True
-                time.sleep(min(self.heartbeat, 5))
+                # Often at first (the last runs end within moments of each other), then every few seconds.
+                time.sleep(pause)
+                pause = min(2 * pause, self.heartbeat, 5)
                 continue
             trial = self.study.ask()
             picked = self._claim(trial, trials)
