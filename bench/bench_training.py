@@ -23,7 +23,7 @@ printed. Sections:
    resident memory (``VmHWM``) against the size of the features.
 
     OMP_NUM_THREADS=1 python bench/bench_training.py [--repeats 3] [--small] [--skip-memory]
-        [--cache outputs/cache/minilm] [--only fits]
+        [--cache outputs/cache/minilm] [--only fits|ranking]
 
 With ``THP_MEM_ALLOC_ENABLE=1`` in the environment torch backs large tensors with huge pages, which
 speeds up the scattered row gathers of the sweep runs (the machine section says which was measured).
@@ -400,16 +400,19 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="shrink the big cases for a quick look")
     parser.add_argument("--skip-memory", action="store_true", help="skip the 10,000-prompt memory case")
     parser.add_argument("--cache", help="an activation cache: its folds' features for the detector fits, and LOAO runs")
-    parser.add_argument("--only", choices=["fits"], help="run only the detector-fit section")
+    parser.add_argument("--only", choices=["fits", "ranking"], help="run only the detector fits, or only the "
+                        "ranking against the sklearn loop and the matmul rate")
     args = parser.parse_args()
     torch.set_num_threads(1)
     figures = {}
-    if args.only is None:
+    if args.only in (None, "ranking"):
         figures["matmul_gflops"] = bench_machine()
         figures.update(bench_ranking(1000 if args.small else 2000, args.repeats, figures["matmul_gflops"]))
+    if args.only is None:
         figures.update(bench_fit(args.repeats))
-    figures.update(bench_detector_fits(args.repeats, args.cache))
-    if args.cache is not None:
+    if args.only in (None, "fits"):
+        figures.update(bench_detector_fits(args.repeats, args.cache))
+    if args.cache is not None and args.only in (None, "fits"):
         figures.update(bench_loao_runs(args.cache))
     if args.only is None:
         figures.update(bench_sweep(1000 if args.small else 2000, 1 if args.small else args.repeats))
