@@ -412,8 +412,8 @@ def main() -> None:
         figures.update(bench_fit(args.repeats))
     if args.only in (None, "fits"):
         figures.update(bench_detector_fits(args.repeats, args.cache))
-    if args.cache is not None and args.only in (None, "fits"):
-        figures.update(bench_loao_runs(args.cache))
+        if args.cache is not None:
+            figures.update(bench_loao_runs(args.cache))
     if args.only is None:
         figures.update(bench_sweep(1000 if args.small else 2000, 1 if args.small else args.repeats))
     if args.only is None and not args.skip_memory:

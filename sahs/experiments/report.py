@@ -175,9 +175,11 @@ def _markdown(rows: list[dict[str, Any]], columns: list[str], title: str, best: 
     if best is not None:
         low, high = best.get(f"{MEAN}_ci_low"), best.get(f"{MEAN}_ci_high")
         interval = "" if low is None else f" [{low:.4f}, {high:.4f}]"
-        figure = (f"{MEAN} = {best[MEAN]:.4f}{interval}" if metric == MEAN
-                  else f"{metric} = {best[metric]:.4f}" + ("" if best.get(MEAN) is None  # not a LOAO run
-                                                           else f" ({MEAN} {best[MEAN]:.4f}{interval})"))
+        figure = f"{metric} = {best[metric]:.4f}"
+        if metric == MEAN:
+            figure += interval
+        elif best.get(MEAN) is not None:  # a LOAO run chosen on another metric: its mean too
+            figure += f" ({MEAN} {best[MEAN]:.4f}{interval})"
         lines.append(f"Best: `{best['run']}` with {figure} ({best['dir']}).")
         tied = [row["run"] for row in rows if row.get("vs_best") == "not distinguishable"]
         compared = [row for row in rows if row.get("diff_ci_low") is not None]
