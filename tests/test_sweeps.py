@@ -233,6 +233,32 @@ def test_a_parameter_that_names_no_config_key_fails_before_any_run(tiny, monkeyp
     assert not (tiny["root"] / "outputs" / "sweeps" / "typo").exists()  # nothing ran, nothing written
 
 
+def test_an_offline_sweep_needs_no_w_and_b_login_for_a_run_config_that_logs_online(tiny, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """`--offline` alone (no WANDB_MODE, no credentials): the runs log offline, so no login is asked for."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # no credentials on this machine, whatever it holds
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = yaml.safe_load((tiny["root"] / "run.yaml").read_text())
+    config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                                   "init_args": {"project": "sahs-test"}}  # online, as the shipped configs log
+    (tiny["root"] / "run.yaml").write_text(yaml.safe_dump(config))
+    path = sweep_file(tiny, "nologin", {"loao.top_k": {"values": [1, 2]}})
+    with pytest.raises(SystemExit) as online:  # online, the sweep itself needs W&B: one line saying so
+        main(["sweep", str(path)])
+    assert online.value.code == 2 and "W&B has no login" in capsys.readouterr().err
+    main(["sweep", str(path), "--offline"])
+    sweep_dir = tiny["root"] / "outputs" / "sweeps" / "nologin"
+    rows = read_summary(sweep_dir)
+    assert sorted(row["run"] for row in rows) == ["nologin-000", "nologin-001"]
+    assert {row["status"] for row in rows} == {"finished"}
+    for row in rows:  # each run logged to W&B, offline
+        assert offline_run(Path(row["dir"]))["logged"]["loao/auroc_mean"] == pytest.approx(
+            float(row["loao/auroc_mean"]), abs=1e-12)
+
+
 def test_a_w_and_b_sweep_runs_the_agents_draws_in_process(tiny, monkeypatch, capsys):
     """Online: the sweep is created on W&B and an agent runs here (W&B's server is replaced by a stand-in)."""
     import wandb

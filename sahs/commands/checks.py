@@ -155,7 +155,8 @@ def check_run(config: Any, init: Any, verb: str | None, extra_top_k: tuple[str, 
     check_checkpoint(ckpt_path)
     if ckpt_path not in CKPT_WORDS and verb in ("validate", "test", "predict"):
         datamodule.adopt(DetectorArtifact.read_checkpoint(ckpt_path).features)
-    check_wandb(config.get("trainer.logger"))
+    if not config.get("sweep.offline"):  # `sahs sweep --offline`: its runs all log offline, whatever the config says
+        check_wandb(config.get("trainer.logger"))
     if datamodule.adopted is not None or _extraction_rebuilds(init["trainer"].get("callbacks")):
         return  # the checkpoint fixes the heads / the cache may be rebuilt with another layout
     layout = cache_layout(datamodule.cache_dir)
