@@ -244,8 +244,12 @@ def test_an_offline_sweep_needs_no_w_and_b_login_for_a_run_config_that_logs_onli
     config = yaml.safe_load((tiny["root"] / "run.yaml").read_text())
     config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.WandbLogger",
                                    "init_args": {"project": "sahs-test"}}  # online, as the shipped configs log
-    (tiny["root"] / "run.yaml").write_text(yaml.safe_dump(config))
+    online_config = tmp_path / "online.yaml"  # the shared run.yaml stays as the other tests read it
+    online_config.write_text(yaml.safe_dump(config))
     path = sweep_file(tiny, "nologin", {"loao.top_k": {"values": [1, 2]}})
+    spec = yaml.safe_load(path.read_text())
+    spec["command"] = ["${program}", "loao", "--config", str(online_config), "${args}"]
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
     with pytest.raises(SystemExit) as online:  # online, the sweep itself needs W&B: one line saying so
         main(["sweep", str(path)])
     assert online.value.code == 2 and "W&B has no login" in capsys.readouterr().err
