@@ -19,7 +19,9 @@ from sahs.commands.sweep import start_workers
 from sahs.experiments.records import read_records, records_from_trials
 from sahs.experiments.sweep import open_study
 from sahs.experiments.sweep_spec import load_sweep
-from sahs.experiments.sweep_storage import grace
+from sahs.experiments import sweep_storage
+from sahs.experiments.sweep_spec import SweepError
+from sahs.experiments.sweep_storage import grace, open_storage
 from tests import sweep_worker
 from tests.postgres_server import postgres  # noqa: F401 - the fixture
 from tests.test_sweep_runner import write_spec
@@ -97,6 +99,28 @@ def test_a_killed_worker_s_point_runs_again_once_after_its_heartbeat_stops(tmp_p
     retried = next(t for t in tries if t.state.name == "COMPLETE")
     assert retried.system_attrs["failed_trial"] == next(t for t in tries if t.state.name == "FAIL").number
     assert load_sweep(sweep_dir / "sweep.yaml").name == "demo"
+
+
+def test_a_storage_that_cannot_be_opened_is_one_line_naming_it_and_what_to_check(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep_storage.time, "sleep", lambda seconds: None)  # its retries, without the waits
+    url = f"postgresql://sahs:secret@127.0.0.1:{_closed_port()}/sweeps"  # no server listens there
+    with pytest.raises(SweepError) as error:
+        open_storage(url, heartbeat=20)
+    message = str(error.value)
+    assert message.startswith(f"--storage {url.replace(':secret@', ':***@')} could not be opened after 5 tries: ")
+    assert "secret" not in message and "\n" not in message and "server is running" in message
+    folder = tmp_path / "not-a-folder"
+    folder.write_text("")  # a file where the database's folder should be
+    with pytest.raises(SweepError, match="could not be opened after 5 tries: .*unable to open database file"):
+        open_storage(f"sqlite:///{folder}/sweep.db", heartbeat=20)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:  # bound and closed: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def test_each_worker_gets_one_visible_gpu_or_its_share_of_the_threads():

@@ -79,7 +79,12 @@ def open_storage(url: str, heartbeat: int):
             last = error
             time.sleep(0.5 + attempt)
     else:
-        raise last
+        from sahs.experiments.sweep_spec import SweepError
+
+        reason = str(getattr(last, "orig", None) or last).strip().splitlines()[0]  # the driver's own words
+        raise SweepError(f"--storage {redact(url)} could not be opened after 5 tries: {reason}; check that the "
+                         "database server is running and the URL's host, port, user, password and database (or "
+                         "the file's folder) are right") from last
     if sqlite:
         _write_ahead(storage.engine)
     return storage
